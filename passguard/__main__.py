@@ -1,0 +1,5 @@
+import sys
+
+from passguard.cli import main
+
+sys.exit(main())

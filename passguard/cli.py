@@ -1,0 +1,323 @@
+"""``passguard`` command line (DESIGN §3).
+
+Exit codes are the interface pipelines depend on: ``check`` exits 0 when the
+change is allowed (warnings printed), 1 when refused, 2 on any error (bad
+input, unreachable server, authentication). Errors are one line on stderr,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, TextIO
+
+from passguard import __version__
+from passguard import config as config_mod
+from passguard.errors import ConfigError, InputError, PassguardError
+from passguard.gate import service
+from passguard.gate.documents import parse_resource
+from passguard.gate.loader import load_documents
+
+EXIT_OK, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2
+DEFAULT_SERVER = "http://127.0.0.1:9110"
+
+
+class CliError(PassguardError):
+    """An error the CLI reports as one line and exit code 2."""
+
+
+class JournalFormatter(logging.Formatter):
+    """Under systemd (``$JOURNAL_STREAM``): a ``<N>`` syslog priority prefix so
+    ``journalctl -p warning`` works, and no timestamp (the journal has one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = 3 if record.levelno >= logging.ERROR else 4 if record.levelno >= logging.WARNING \
+            else 6 if record.levelno >= logging.INFO else 7
+        return f"<{prio}>{record.name}: {super().format(record)}"
+
+
+# -- output helpers ----------------------------------------------------------------
+
+class Style:
+    def __init__(self, stream: TextIO) -> None:
+        self.on = stream.isatty() and os.environ.get("NO_COLOR") is None
+
+    def __call__(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.on else text
+
+    def verdict(self, v: str) -> str:
+        return self(v.upper(), {"allow": "32", "warn": "33", "deny": "1;31"}.get(v, "0"))
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+# -- HTTP client -------------------------------------------------------------------
+
+def _server(args: argparse.Namespace) -> str:
+    return (args.server or os.environ.get("PASSGUARD_SERVER") or DEFAULT_SERVER).rstrip("/")
+
+
+def http(method: str, url: str, body: bytes | None = None,
+         content_type: str = "application/json", timeout: float = 30.0) -> tuple[int, Any]:
+    headers = {"Accept": "application/json", "User-Agent": f"passguard-cli/{__version__}"}
+    if body is not None:
+        headers["Content-Type"] = content_type
+    token = os.environ.get("PASSGUARD_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token.strip()}"
+    if not url.startswith(("http://", "https://")):
+        raise CliError(f"server URL must start with http:// or https://, got {url!r}")
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(f"cannot reach passguard at {url}: {reason}") from None
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:
+        data = None
+    if status >= 400:
+        detail = data.get("error") if isinstance(data, dict) else raw[:200].decode(errors="replace")
+        hint = " (set PASSGUARD_TOKEN)" if status in (401, 403) else ""
+        raise CliError(f"{url}: HTTP {status}: {detail}{hint}")
+    if data is None:
+        raise CliError(f"{url}: the answer is not JSON")
+    return status, data
+
+
+# -- check -------------------------------------------------------------------------
+
+def _read_docs(paths: list[str]) -> list[Any]:
+    docs: list[Any] = []
+    for p in paths:
+        try:
+            raw = sys.stdin.buffer.read() if p == "-" else Path(p).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read {p}: {exc.strerror or exc}") from None
+        try:
+            docs.extend(load_documents(raw))
+        except InputError as exc:
+            raise CliError(f"{'stdin' if p == '-' else p}: {exc}") from None
+    return docs
+
+
+def _pair_old(docs: list[Any], old_docs: list[Any]) -> list[Any]:
+    """Send ``--old`` as oldObject next to the document it is the old version of."""
+    old_by_ident = {}
+    for i, od in enumerate(old_docs):
+        r = parse_resource(od, f"old document {i + 1}")
+        if not isinstance(r, str):
+            old_by_ident[r.ident] = od
+    out = []
+    for i, doc in enumerate(docs):
+        r = parse_resource(doc, f"document {i + 1}")
+        if not isinstance(r, str) and r.ident in old_by_ident:
+            out.append({"object": doc, "oldObject": old_by_ident[r.ident]})
+        else:
+            out.append(doc)
+    return out
+
+
+def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> dict[str, Any]:
+    from passguard.scraper import Scraper
+    from passguard.sources.static import StaticSource
+    from passguard.store.store import Store
+
+    cfg = config_mod.load(cfg_path)
+
+    async def once() -> dict[str, Any]:
+        scraper = Scraper(cfg)
+        try:
+            store = Store(cfg.window, cfg.stale_after, since_start=True)
+            targets = [t for s in cfg.sources for t in StaticSource(s).targets()]
+            store.set_targets(targets)
+            store.record(await scraper.cycle(list(store.targets.values())))
+            snap = store.build_snapshot(time.time())
+        finally:
+            await scraper.close()
+        body, _ = service.check(docs, old_docs, snap, cfg.gate)
+        return body
+
+    return asyncio.run(once())
+
+
+def print_decision(body: dict[str, Any], out: TextIO) -> None:
+    style = Style(out)
+    for d in body["decisions"]:
+        ch = d["change"]
+        out.write(f"{style.verdict(d['verdict']):<5}  {ch['kind']} {ch['name']} "
+                  f"(mesh {d['mesh']}): {ch['effect']}\n")
+        for r in d["reasons"]:
+            out.write(f"       - {r}\n")
+    for w in body["warnings"]:
+        out.write(f"{style('warning', '33')}: {w}\n")
+    if "evidence_source" in body:
+        out.write(f"evidence: {body['evidence_source']}\n")
+    result = "allowed" if body["allowed"] else "refused"
+    out.write(f"verdict: {style.verdict(body['verdict'])} ({body['mode']} mode): {result}\n")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    docs = _read_docs(args.file)
+    old_docs = _read_docs(args.old) if args.old else []
+    if args.config and not args.server:
+        body = _standalone_check(args.config, docs, old_docs)
+    else:
+        payload = "\n".join("---\n" + json.dumps(d) for d in _pair_old(docs, old_docs))
+        _, body = http("POST", _server(args) + "/v1/check", payload.encode(),
+                       "application/yaml")
+        if not isinstance(body, dict) or "allowed" not in body:
+            raise CliError("the server's answer is not a passguard decision")
+    if args.output == "json":
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_decision(body, sys.stdout)
+    return EXIT_OK if body["allowed"] else EXIT_REFUSED
+
+
+# -- status ------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _, body = http("GET", _server(args) + "/v1/meshes")
+    if args.output == "json":
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    style = Style(sys.stdout)
+    rows = []
+    for m in body.get("meshes", []):
+        c = m["dataplanes"]
+        rows.append([m["mesh"], str(c["total"]), str(c["fresh"]), str(c["stale"]),
+                     str(c["failed"]), str(c["offline"]), str(c["with_traffic"]),
+                     str(c["unknown"]), str(m["connections"]), str(m["active_connections"]),
+                     str(m["blocked_connections"]), m["verdict_if_disabled"]])
+    window = body.get("window_seconds")
+    sys.stdout.write(f"window: {config_mod.format_duration(window) if window else '-'}\n")
+    if not rows:
+        sys.stdout.write("no dataplanes known\n")
+        return EXIT_OK
+    text = table(rows, ["MESH", "DATAPLANES", "FRESH", "STALE", "FAILED", "OFFLINE", "TRAFFIC",
+                        "UNKNOWN", "CONNECTIONS", "ACTIVE", "BLOCKED", "IF DISABLED"])
+    if style.on:
+        for v in ("allow", "warn", "deny"):
+            text = text.replace(f"  {v}\n", f"  {style.verdict(v)}\n")
+    sys.stdout.write(text + "\n")
+    return EXIT_OK
+
+
+# -- config / token / run ------------------------------------------------------------
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as exc:
+        for e in exc.errors:
+            sys.stderr.write(f"{args.config}: {e}\n")
+        return EXIT_ERROR
+    n = sum(len(s.targets) for s in cfg.sources)
+    sys.stdout.write(f"{args.config}: valid ({len(cfg.sources)} source(s), {n} inline target(s), "
+                     f"gate mode {cfg.gate.mode})\n")
+    return EXIT_OK
+
+
+def cmd_token_hash(args: argparse.Namespace) -> int:
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise CliError("no token on stdin")
+    sys.stdout.write(hashlib.sha256(token.encode()).hexdigest() + "\n")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from passguard.app import run
+
+    return run(Path(args.config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="passguard", description="Guards the Kuma passthrough "
+                                "switch: refuses to disable it while traffic still uses it.")
+    p.add_argument("--version", action="version", version=f"passguard {__version__}")
+    p.add_argument("--log-level", default=os.environ.get("PASSGUARD_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("-c", "--config", required=True)
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="ask the gate about a change")
+    check.add_argument("-f", "--file", action="append", required=True,
+                       help="Mesh/MeshPassthrough YAML or JSON (- for stdin); repeatable")
+    check.add_argument("--old", action="append", help="the previous version of the documents")
+    check.add_argument("--server", help=f"passguard URL (env PASSGUARD_SERVER; {DEFAULT_SERVER})")
+    check.add_argument("-c", "--config", help="no server: scrape once with this config")
+    check.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    check.set_defaults(func=cmd_check)
+
+    status = sub.add_parser("status", help="per-mesh readiness")
+    status.add_argument("--server")
+    status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    status.set_defaults(func=cmd_status)
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    cc = cfg_sub.add_parser("check", help="validate a config file")
+    cc.add_argument("-c", "--config", required=True)
+    cc.set_defaults(func=cmd_config_check)
+
+    tok = sub.add_parser("token", help="token tools")
+    tok_sub = tok.add_subparsers(dest="token_command", required=True)
+    th = tok_sub.add_parser("hash", help="SHA-256 digest of a token read on stdin")
+    th.set_defaults(func=cmd_token_hash)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JournalFormatter() if os.environ.get("JOURNAL_STREAM")
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    # APScheduler logs every run at INFO: one line per interval drowns the journal.
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as exc:
+        for e in exc.errors:
+            sys.stderr.write(f"passguard: config: {e}\n")
+        return EXIT_ERROR
+    except (CliError, InputError) as exc:
+        sys.stderr.write(f"passguard: {exc}\n")
+        return EXIT_ERROR
+    except PassguardError as exc:
+        sys.stderr.write(f"passguard: {exc}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

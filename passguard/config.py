@@ -1,0 +1,512 @@
+"""Configuration: load a YAML file into typed, immutable settings.
+
+Validation collects every problem with its key path (``sources[0].targets[2].url:
+…``) instead of stopping at the first, so an operator fixes a file in one pass.
+Unknown keys are errors: a misspelt key that is silently ignored is how a gate
+ends up running in a mode nobody chose.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN
+from passguard.errors import ConfigError, InputError
+from passguard.gate.loader import Limits, load_documents
+
+Mode = Literal["enforce", "warn", "audit"]
+Fallback = Literal["deny", "warn", "allow"]
+MODES: tuple[Mode, ...] = ("enforce", "warn", "audit")
+FALLBACKS: tuple[Fallback, ...] = ("deny", "warn", "allow")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+# A label value ends up as a Prometheus label and in decision text.
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def parse_duration(value: str) -> float:
+    """``"15s"`` → 15.0 seconds. Raises ValueError with the accepted form."""
+    m = _DURATION.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 15s, 15m, 1h, 90d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse for messages: 900 → ``15m``, 90 → ``90s``, 5400 → ``90m``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ScrapeConfig:
+    interval: float = 15.0
+    timeout: float = 5.0
+    concurrency: int = 256
+    # Guards against a proxy (or something pretending to be one) that sends
+    # an endless body: a filtered /stats answer is a few hundred bytes.
+    max_response_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    url: str
+    labels: Mapping[str, str]
+
+    @property
+    def mesh(self) -> str:
+        return self.labels.get("mesh", "default")
+
+    @property
+    def dataplane(self) -> str:
+        return self.labels.get("dataplane") or self.url
+
+    @property
+    def service(self) -> str:
+        return self.labels.get("service", "")
+
+
+@dataclass(frozen=True)
+class EnvoySource:
+    targets: tuple[TargetConfig, ...] = ()
+    target_files: tuple[str, ...] = ()
+    kind: Literal["envoy"] = "envoy"
+
+
+Source = EnvoySource
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    mode: Mode = "enforce"
+    on_insufficient_data: Fallback = "deny"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    mode: Mode = "enforce"
+    on_insufficient_data: Fallback = "deny"
+    meshes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def policy_for(self, mesh: str) -> GatePolicy:
+        override = self.meshes.get(mesh, {})
+        mode = override.get("mode", self.mode)
+        fallback = override.get("on_insufficient_data", self.on_insufficient_data)
+        return GatePolicy(mode=mode, on_insufficient_data=fallback)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = 1024 * 1024
+    documents: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 9110))
+    scrape: ScrapeConfig = field(default_factory=ScrapeConfig)
+    window: float = 900.0
+    state_path: Path = Path("passguard-state.db")
+    passthrough_clusters: str = DEFAULT_CLUSTERS_PATTERN
+    sources: tuple[Source, ...] = ()
+    gate: GateConfig = field(default_factory=GateConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    # Where the file was read from: relative paths in it are resolved
+    # against its folder, so `passguard run -c /etc/passguard/x.yaml`
+    # does not depend on the working directory systemd happens to use.
+    base_dir: Path = Path(".")
+
+    @property
+    def stale_after(self) -> float:
+        """A target with no successful scrape for this long is stale (DESIGN: 3 intervals)."""
+        return 3 * self.scrape.interval
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{path}: {message}" if path else message)
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+class _Reader:
+    """Small helpers that check one value and record an error under its path."""
+
+    def __init__(self, errors: _Errors) -> None:
+        self.errors = errors
+
+    def mapping(self, value: Any, path: str, allowed: set[str]) -> dict[str, Any] | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.errors.add(path, f"must be a mapping, got {_type_name(value)}")
+            return None
+        for key in value:
+            if not isinstance(key, str) or key not in allowed:
+                known = ", ".join(sorted(allowed))
+                self.errors.add(_join(path, str(key)), f"unknown key (known keys: {known})")
+        return value
+
+    def string(self, value: Any, path: str) -> str | None:
+        if not isinstance(value, str) or not value:
+            self.errors.add(path, f"must be a non-empty string, got {_type_name(value)}")
+            return None
+        return value
+
+    def duration(self, value: Any, path: str, minimum: float = 0.001) -> float | None:
+        if not isinstance(value, str):
+            self.errors.add(path, f"must be a duration string like '15s', got {_type_name(value)}")
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.errors.add(path, str(exc))
+            return None
+        if seconds < minimum:
+            self.errors.add(path, f"must be at least {format_duration(minimum)}")
+            return None
+        return seconds
+
+    def integer(self, value: Any, path: str, minimum: int, maximum: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.errors.add(path, f"must be a whole number, got {_type_name(value)}")
+            return None
+        if not minimum <= value <= maximum:
+            self.errors.add(path, f"must be between {minimum} and {maximum}, got {value}")
+            return None
+        return value
+
+    def size(self, value: Any, path: str) -> int | None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return self.integer(value, path, 1, 1024**3)
+        if isinstance(value, str) and (m := _SIZE.match(value)):
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+        self.errors.add(path, f"must be a size like 1048576 or '1MiB', got {value!r}")
+        return None
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str | None:
+        if value not in choices:
+            self.errors.add(path, f"must be one of {', '.join(choices)}, got {value!r}")
+            return None
+        return str(value)
+
+    def boolean(self, value: Any, path: str) -> bool | None:
+        if not isinstance(value, bool):
+            self.errors.add(path, f"must be true or false, got {_type_name(value)}")
+            return None
+        return value
+
+    def string_list(self, value: Any, path: str) -> list[str]:
+        if not isinstance(value, list):
+            self.errors.add(path, f"must be a list of strings, got {_type_name(value)}")
+            return []
+        out = []
+        for i, item in enumerate(value):
+            s = self.string(item, f"{path}[{i}]")
+            if s is not None:
+                out.append(s)
+        return out
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def parse_listen(value: str) -> Listen:
+    """``127.0.0.1:9110``, ``[::1]:9110`` or ``:9110`` (all addresses)."""
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]]*):(\d+)$", value)
+    if not m:
+        raise ValueError(f"{value!r} is not host:port (IPv6 as [::1]:9110)")
+    host, port = m.group(1) or "0.0.0.0", int(m.group(2))  # noqa: S104 - ":9110" means all
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return Listen(host, port)
+
+
+def validate_target_url(url: str) -> str | None:
+    """Return why a target URL is unusable, or None when it is fine."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            return f"{url!r} has no host"
+        try:
+            _ = parts.port
+        except ValueError:
+            return f"{url!r} has an invalid port"
+        if parts.query or parts.fragment:
+            return f"{url!r} must not carry a query or fragment"
+        return None
+    if parts.scheme == "unix":
+        if not parts.path.startswith("/"):
+            return f"{url!r} must name an absolute socket path (unix:///run/kuma/admin.sock)"
+        return None
+    return f"{url!r} must start with http://, https:// or unix://"
+
+
+def parse_targets(value: Any, path: str, errors: _Errors) -> list[TargetConfig]:
+    """A list of ``{url, labels}``; shared by inline targets and target files."""
+    r = _Reader(errors)
+    if not isinstance(value, list):
+        errors.add(path, f"must be a list of targets, got {_type_name(value)}")
+        return []
+    out: list[TargetConfig] = []
+    for i, item in enumerate(value):
+        ipath = f"{path}[{i}]"
+        m = r.mapping(item, ipath, {"url", "labels"})
+        if m is None:
+            continue
+        url = r.string(m.get("url"), _join(ipath, "url"))
+        if url is not None and (problem := validate_target_url(url)):
+            errors.add(_join(ipath, "url"), problem)
+            url = None
+        labels_raw = m.get("labels", {})
+        labels: dict[str, str] = {}
+        if not isinstance(labels_raw, dict):
+            errors.add(_join(ipath, "labels"), f"must be a mapping, got {_type_name(labels_raw)}")
+        else:
+            for k, v in labels_raw.items():
+                lpath = _join(_join(ipath, "labels"), str(k))
+                if not isinstance(k, str) or not _LABEL_NAME.match(k):
+                    errors.add(lpath, "label names are letters, digits and _ (Prometheus rules)")
+                elif not isinstance(v, str | int | float) or isinstance(v, bool):
+                    errors.add(lpath, f"must be a string, got {_type_name(v)}")
+                else:
+                    labels[k] = str(v)
+        if url is not None:
+            out.append(TargetConfig(url=url.rstrip("/"), labels=labels))
+    return out
+
+
+def _check_unique(targets: list[TargetConfig], path: str, errors: _Errors) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for t in targets:
+        key = (t.mesh, t.dataplane)
+        if key in seen:
+            errors.add(path, f"dataplane {t.dataplane!r} of mesh {t.mesh!r} is listed twice "
+                             f"({seen[key]} and {t.url}); give each a distinct labels.dataplane")
+        seen[key] = t.url
+
+
+def build(raw: Any, base_dir: Path = Path(".")) -> Config:
+    """Validate a parsed YAML document into a Config, or raise ConfigError."""
+    errors = _Errors()
+    r = _Reader(errors)
+    top = r.mapping(raw, "", {"listen", "scrape", "window", "state", "passthrough", "sources",
+                              "gate", "limits", "auth"})
+    if top is None:
+        raise ConfigError(errors.items)
+    defaults = Config()
+
+    listen = defaults.listen
+    if "listen" in top and (s := r.string(top["listen"], "listen")) is not None:
+        try:
+            listen = parse_listen(s)
+        except ValueError as exc:
+            errors.add("listen", str(exc))
+
+    scrape = defaults.scrape
+    sc = r.mapping(top.get("scrape"), "scrape",
+                   {"interval", "timeout", "concurrency", "max_response_bytes"})
+    if sc is not None:
+        interval = r.duration(sc["interval"], "scrape.interval", 0.1) if "interval" in sc else None
+        timeout = r.duration(sc["timeout"], "scrape.timeout", 0.01) if "timeout" in sc else None
+        conc = r.integer(sc["concurrency"], "scrape.concurrency", 1, 100_000) \
+            if "concurrency" in sc else None
+        maxb = r.size(sc["max_response_bytes"], "scrape.max_response_bytes") \
+            if "max_response_bytes" in sc else None
+        scrape = ScrapeConfig(
+            interval=interval or scrape.interval,
+            timeout=timeout or scrape.timeout,
+            concurrency=conc or scrape.concurrency,
+            max_response_bytes=maxb or scrape.max_response_bytes,
+        )
+        if scrape.timeout > scrape.interval:
+            errors.add("scrape.timeout", f"({format_duration(scrape.timeout)}) must not exceed "
+                                         f"scrape.interval ({format_duration(scrape.interval)})")
+
+    window = defaults.window
+    if "window" in top and (w := r.duration(top["window"], "window", 1.0)) is not None:
+        window = w
+        if window < 2 * scrape.interval:
+            errors.add("window", f"({format_duration(window)}) must span at least two scrape "
+                                 f"intervals ({format_duration(2 * scrape.interval)})")
+
+    state_path = defaults.state_path
+    st = r.mapping(top.get("state"), "state", {"path"})
+    if st is not None and "path" in st and (p := r.string(st["path"], "state.path")):
+        state_path = Path(p)
+    if not state_path.is_absolute():
+        state_path = base_dir / state_path
+
+    clusters = defaults.passthrough_clusters
+    pt = r.mapping(top.get("passthrough"), "passthrough", {"clusters"})
+    if pt is not None and "clusters" in pt:
+        c = r.string(pt["clusters"], "passthrough.clusters")
+        if c is not None:
+            try:
+                re.compile(c)
+                clusters = c
+            except re.error as exc:
+                errors.add("passthrough.clusters", f"invalid regular expression: {exc}")
+
+    sources: list[Source] = []
+    if "sources" in top:
+        raw_sources = top["sources"]
+        if not isinstance(raw_sources, list):
+            errors.add("sources", f"must be a list, got {_type_name(raw_sources)}")
+        else:
+            all_targets: list[TargetConfig] = []
+            for i, src in enumerate(raw_sources):
+                spath = f"sources[{i}]"
+                if not isinstance(src, dict):
+                    errors.add(spath, f"must be a mapping, got {_type_name(src)}")
+                    continue
+                kind = src.get("kind")
+                if kind != "envoy":
+                    errors.add(f"{spath}.kind", f"must be 'envoy', got {kind!r}")
+                    continue
+                m = r.mapping(src, spath, {"kind", "targets", "target_files"})
+                if m is None:
+                    continue
+                targets = parse_targets(m.get("targets", []), f"{spath}.targets", errors)
+                files = r.string_list(m.get("target_files", []), f"{spath}.target_files")
+                files = [f if Path(f).is_absolute() else str(base_dir / f) for f in files]
+                all_targets.extend(targets)
+                sources.append(EnvoySource(targets=tuple(targets), target_files=tuple(files)))
+            _check_unique(all_targets, "sources", errors)
+
+    gate = defaults.gate
+    g = r.mapping(top.get("gate"), "gate", {"mode", "on_insufficient_data", "meshes"})
+    if g is not None:
+        mode = r.choice(g.get("mode", gate.mode), "gate.mode", MODES)
+        fb = r.choice(g.get("on_insufficient_data", gate.on_insufficient_data),
+                      "gate.on_insufficient_data", FALLBACKS)
+        meshes: dict[str, dict[str, str]] = {}
+        gm = r.mapping(g.get("meshes"), "gate.meshes", set(g.get("meshes") or {}))
+        for name, ov in (gm or {}).items():
+            opath = f"gate.meshes.{name}"
+            o = r.mapping(ov, opath, {"mode", "on_insufficient_data"})
+            if o is None:
+                continue
+            entry: dict[str, str] = {}
+            if "mode" in o and (v := r.choice(o["mode"], f"{opath}.mode", MODES)):
+                entry["mode"] = v
+            if "on_insufficient_data" in o and (v := r.choice(
+                    o["on_insufficient_data"], f"{opath}.on_insufficient_data", FALLBACKS)):
+                entry["on_insufficient_data"] = v
+            meshes[str(name)] = entry
+        gate = GateConfig(mode=mode or "enforce",  # type: ignore[arg-type]
+                          on_insufficient_data=fb or "deny",  # type: ignore[arg-type]
+                          meshes=meshes)
+
+    limits = defaults.limits
+    lm = r.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_documents", "max_depth"})
+    if lm is not None and lm:
+        body = r.size(lm["max_body_bytes"], "limits.max_body_bytes") \
+            if "max_body_bytes" in lm else None
+        docs = r.integer(lm["max_documents"], "limits.max_documents", 1, 1_000_000) \
+            if "max_documents" in lm else None
+        depth = r.integer(lm["max_depth"], "limits.max_depth", 4, 10_000) \
+            if "max_depth" in lm else None
+        dl = limits.documents
+        limits = LimitsConfig(
+            max_body_bytes=body or limits.max_body_bytes,
+            documents=Limits(max_documents=docs or dl.max_documents,
+                             max_depth=depth or dl.max_depth,
+                             max_nodes=dl.max_nodes, max_scalar_bytes=dl.max_scalar_bytes),
+        )
+
+    auth = defaults.auth
+    au = r.mapping(top.get("auth"), "auth", {"insecure"})
+    if au is not None and "insecure" in au and (b := r.boolean(au["insecure"], "auth.insecure")):
+        auth = AuthConfig(insecure=b)
+    if not listen.is_loopback and not auth.insecure:
+        errors.add("listen", f"{listen} is not a loopback address and no authentication is "
+                             "configured; bind 127.0.0.1, or set auth.insecure: true to expose "
+                             "the gate without authentication on purpose")
+
+    if errors.items:
+        raise ConfigError(errors.items)
+    return Config(listen=listen, scrape=scrape, window=window, state_path=state_path,
+                  passthrough_clusters=clusters, sources=tuple(sources), gate=gate,
+                  limits=limits, auth=auth, base_dir=base_dir)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; every problem is reported with its key path."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {p}: {exc.strerror or exc}"]) from None
+    try:
+        docs = load_documents(data, "application/yaml")
+    except InputError as exc:
+        raise ConfigError([f"{p}: {exc}"]) from None
+    if len(docs) != 1:
+        raise ConfigError([f"{p}: expected one YAML document, found {len(docs)}"])
+    return build(docs[0], p.resolve().parent)
+
+
+def load_target_file(path: Path) -> list[TargetConfig]:
+    """A target file: a list of targets, or a mapping with a ``targets`` list."""
+    try:
+        docs = load_documents(path.read_bytes(), "application/yaml")
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror or exc}"]) from None
+    except InputError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    errors = _Errors()
+    targets: list[TargetConfig] = []
+    for doc in docs:
+        if isinstance(doc, dict) and set(doc) == {"targets"}:
+            doc = doc["targets"]
+        targets.extend(parse_targets(doc, str(path), errors))
+    if errors.items:
+        raise ConfigError(errors.items)
+    return targets

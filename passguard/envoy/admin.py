@@ -1,0 +1,86 @@
+"""Envoy admin HTTP client: TCP base URLs and Unix sockets, one pooled session each.
+
+Every request is bounded in time (the whole exchange, not only connect) and in
+size, so a proxy that hangs, trickles bytes or sends an endless body costs one
+timeout and is reported, never a stuck cycle or an exhausted memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from passguard.errors import ScrapeError
+
+_CHUNK = 64 * 1024
+
+
+class AdminClient:
+    def __init__(self, concurrency: int, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._concurrency = concurrency
+        self._tcp: aiohttp.ClientSession | None = None
+        self._unix: dict[str, aiohttp.ClientSession] = {}
+
+    def _session_for(self, base: str) -> tuple[aiohttp.ClientSession, str]:
+        parts = urlsplit(base)
+        if parts.scheme == "unix":
+            session = self._unix.get(parts.path)
+            if session is None:
+                session = aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=parts.path), trust_env=False)
+                self._unix[parts.path] = session
+            # The host is never looked up on a Unix socket; Envoy ignores it.
+            return session, "http://localhost"
+        if self._tcp is None:
+            self._tcp = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=0,
+                                               ttl_dns_cache=300),
+                trust_env=False)
+        return self._tcp, base
+
+    async def get(self, base: str, path: str, params: Mapping[str, str] | None = None,
+                  timeout: float = 5.0, headers: Mapping[str, str] | None = None) -> str:
+        """GET ``base + path``; the text body, or ScrapeError saying what went wrong."""
+        session, prefix = self._session_for(base)
+        url = prefix + path
+        try:
+            async with asyncio.timeout(timeout):
+                async with session.get(url, params=params, headers=headers,
+                                       allow_redirects=False) as resp:
+                    if resp.status != 200:
+                        head = (await resp.content.read(200)).decode("utf-8", "replace")
+                        raise ScrapeError(f"HTTP {resp.status} from {path}: {head.strip()[:120]!r}")
+                    if resp.content_length is not None and resp.content_length > self._max_bytes:
+                        raise ScrapeError(f"{path} announced {resp.content_length} bytes, over the "
+                                          f"{self._max_bytes}-byte limit")
+                    buf = bytearray()
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        buf += chunk
+                        if len(buf) > self._max_bytes:
+                            raise ScrapeError(f"{path} sent more than {self._max_bytes} bytes")
+                    return buf.decode("utf-8", "replace")
+        except TimeoutError:
+            raise ScrapeError(f"no complete answer from {path} within {timeout:g}s") from None
+        except aiohttp.ClientResponseError as exc:
+            raise ScrapeError(f"bad HTTP answer from {path}: {exc.message}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ScrapeError(_describe(exc)) from None
+
+    async def close(self) -> None:
+        sessions = [s for s in (self._tcp, *self._unix.values()) if s is not None]
+        self._tcp, self._unix = None, {}
+        for s in sessions:
+            await s.close()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the proxy closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"truncated or malformed body: {text}"
+    return text

@@ -1,0 +1,59 @@
+"""Passthrough cluster names across Kuma generations, and the families they fall in.
+
+Envoy replaces ``:`` with ``_`` in stat names, so the cluster
+``outbound:passthrough:ipv4`` shows up as ``cluster.outbound_passthrough_ipv4.*``
+(DESIGN §2). Only *outbound* passthrough matters: inbound passthrough carries
+traffic into the mesh and is not what the Mesh flag or MeshPassthrough cut.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Family = Literal["ipv4", "ipv6", "legacy", "matched"]
+FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6", "legacy", "matched")
+
+# Stat names (not cluster names) of every generation:
+#   0.3–0.6     pass_through
+#   0.7–1.1.1   outbound_passthrough
+#   1.1.2–2.x   outbound_passthrough_ipv4 / _ipv6
+#   2.12+       self_transparentproxy_passthrough_outbound_ipv4 / _ipv6 (unified naming)
+#   2.8+        meshpassthrough_<protocol>_<value>_<port> (one per MeshPassthrough match)
+DEFAULT_CLUSTERS_PATTERN = (
+    r"pass_through|outbound_passthrough(?:_ipv[46])?"
+    r"|self_transparentproxy_passthrough_outbound_ipv[46]"
+    r"|meshpassthrough_[a-z0-9]+_[A-Za-z0-9_*.-]+"
+)
+
+# The cluster stats passguard reads, and the listener stat that counts what a
+# disabled passthrough refused.
+CLUSTER_STATS = (
+    "upstream_cx_total",
+    "upstream_cx_active",
+    "upstream_cx_tx_bytes_total",
+    "upstream_cx_rx_bytes_total",
+    "upstream_cx_connect_fail",
+    "upstream_cx_overflow",
+)
+LISTENER_STATS = ("downstream_cx_no_route",)
+
+
+def family_of(stat_name: str) -> Family:
+    """The family a passthrough cluster (stat form) belongs to."""
+    if stat_name.startswith("meshpassthrough_"):
+        return "matched"
+    if stat_name.endswith("_ipv4"):
+        return "ipv4"
+    if stat_name.endswith("_ipv6"):
+        return "ipv6"
+    return "legacy"
+
+
+def stats_filter(clusters_pattern: str) -> str:
+    """The RE2 ``filter`` for Envoy admin ``/stats``: a few hundred bytes come back
+    instead of megabytes on a big mesh. Python's ``re`` accepts the same subset."""
+    return (
+        rf"^(?:cluster\.(?:{clusters_pattern})\.(?:{'|'.join(CLUSTER_STATS)})"
+        rf"|tcp\.(?:{clusters_pattern})\.(?:{'|'.join(LISTENER_STATS)})"
+        r"|server\.uptime)$"
+    )

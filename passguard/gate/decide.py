@@ -1,0 +1,259 @@
+"""The gate's decision: a pure function of a change, the evidence and the policy.
+
+``decide()`` does no I/O and reads no clock, so every mode × evidence × change
+combination can be tested as a table, and the same evidence always gives the
+same answer (before and after a restart, on every replica).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from passguard.config import GatePolicy, format_duration
+from passguard.envoy.names import FAMILIES, Family
+from passguard.gate.documents import BREAK_GLASS, MODE_RANK, Change, Resource, TargetRef
+from passguard.store.snapshot import DataplaneEvidence
+
+Verdict = Literal["allow", "warn", "deny"]
+SEVERITY: dict[str, int] = {"allow": 0, "warn": 1, "deny": 2}
+MODE_CAP: dict[str, Verdict] = {"enforce": "deny", "warn": "warn", "audit": "allow"}
+GENERIC: frozenset[Family] = frozenset({"ipv4", "ipv6", "legacy"})
+ALL: frozenset[Family] = frozenset(FAMILIES)
+MAX_NAMED = 10
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the gate knows about one mesh: the store's snapshot, cut to that mesh."""
+
+    mesh: str
+    window_seconds: float | None  # None: counters since each proxy started
+    dataplanes: tuple[DataplaneEvidence, ...]
+
+
+@dataclass(frozen=True)
+class Effect:
+    reduces: bool
+    description: str
+    families: frozenset[Family] = frozenset()
+
+
+@dataclass
+class Decision:
+    mesh: str
+    kind: str
+    name: str
+    effect: str
+    verdict: Verdict
+    mode: str
+    reasons: list[str]
+    evidence: dict[str, Any] | None
+    warnings: list[str] = field(default_factory=list)
+    break_glass: str | None = None
+    digest: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mesh": self.mesh,
+            "change": {"kind": self.kind, "name": self.name, "effect": self.effect},
+            "verdict": self.verdict,
+            "mode": self.mode,
+            "reasons": self.reasons,
+            "evidence": self.evidence,
+        }
+        if self.break_glass is not None:
+            out["break_glass"] = self.break_glass
+        return out
+
+
+def effect_of(change: Change) -> Effect:
+    """Does the change reduce passthrough, for which traffic families, in words."""
+    new, old = change.new, change.old
+    r = change.resource
+    if new is None:
+        return Effect(False, f"deletes {r.kind} {r.name}")
+    old_mode = old.mode if old is not None else "All"
+    assumed = "" if old is not None else " (previous state assumed enabled)"
+    if new.kind == "Mesh":
+        if new.mode == "None" and old_mode != "None":
+            return Effect(True, f"disables passthrough for the whole mesh{assumed}", GENERIC)
+        if new.mode == "None":
+            return Effect(False, "keeps passthrough disabled")
+        return Effect(False, "keeps passthrough enabled" if old_mode != "None"
+                      else "enables passthrough")
+    scope = _scope_words(new.target_ref)
+    if new.mode == "None":
+        if old_mode == "None":
+            return Effect(False, f"keeps passthrough disabled for {scope}")
+        return Effect(True, f"disables passthrough for {scope}{assumed}", ALL)
+    if new.mode == "Matched":
+        if old_mode == "All":
+            return Effect(True, f"limits passthrough for {scope} to {len(new.matches)} "
+                                f"matched destination(s){assumed}", GENERIC)
+        if old_mode == "Matched":
+            assert old is not None
+            dropped = set(old.matches) - set(new.matches)
+            if dropped:
+                return Effect(True, f"removes {len(dropped)} passthrough match(es) for {scope}",
+                              frozenset({"matched"}))
+            return Effect(False, f"keeps or widens the passthrough matches for {scope}")
+        return Effect(False, f"opens passthrough to matched destinations for {scope}")
+    return Effect(False, f"allows all passthrough for {scope}")
+
+
+def _scope_words(ref: TargetRef) -> str:
+    if ref.kind == "Mesh":
+        return "the whole mesh"
+    if ref.name:
+        return f"{ref.kind} {ref.name}"
+    sel = ref.labels or ref.tags
+    if sel:
+        return f"{ref.kind} " + ",".join(f"{k}={v}" for k, v in sorted(sel.items()))
+    return f"every {ref.kind}"
+
+
+def _tag(dp: DataplaneEvidence, key: str) -> str | None:
+    if key in ("kuma.io/service", "service"):
+        return dp.target.service or dp.target.tags.get(key)
+    if key in ("kuma.io/mesh", "mesh"):
+        return dp.target.mesh
+    return dp.target.tags.get(key)
+
+
+def select(ref: TargetRef, dps: Sequence[DataplaneEvidence]) -> tuple[list[DataplaneEvidence],
+                                                                       str | None]:
+    """Dataplanes a targetRef selects, and a warning when it had to be conservative."""
+    if ref.kind == "Mesh":
+        return list(dps), None
+    if ref.kind == "Dataplane":
+        out = [d for d in dps
+               if (ref.name is None or d.target.dataplane == ref.name)
+               and all(_tag(d, k) == v for k, v in ref.labels.items())]
+        return out, None
+    if ref.kind == "MeshSubset":
+        return [d for d in dps if all(_tag(d, k) == v for k, v in ref.tags.items())], None
+    return list(dps), (f"targetRef kind {ref.kind} is not resolved to dataplanes: every "
+                       "dataplane of the mesh was considered")
+
+
+def _names(items: list[tuple[str, int]]) -> str:
+    items = sorted(items, key=lambda x: (-x[1], x[0]))
+    text = ", ".join(f"{n} ({c})" for n, c in items[:MAX_NAMED])
+    if len(items) > MAX_NAMED:
+        text += f" and {len(items) - MAX_NAMED} more"
+    return text
+
+
+def _window_words(window: float | None) -> str:
+    if window is None:
+        return "since the proxies started"
+    return f"in the last {format_duration(window)}"
+
+
+def cap(verdict: Verdict, mode: str) -> Verdict:
+    limit = MODE_CAP[mode]
+    return verdict if SEVERITY[verdict] <= SEVERITY[limit] else limit
+
+
+def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
+    r: Resource = change.resource
+    eff = effect_of(change)
+    dec = Decision(mesh=r.mesh, kind=r.kind, name=r.name, effect=eff.description,
+                   verdict="allow", mode=policy.mode, reasons=[], evidence=None, digest=r.digest)
+    if not eff.reduces:
+        dec.reasons.append(f"does not reduce passthrough: {eff.description}")
+        return dec
+    if r.kind == "MeshPassthrough" and change.new is not None and change.new.mode == "Matched" \
+            and eff.families == GENERIC:
+        dec.warnings.append(
+            f"{r.kind} {r.name}: destinations are not yet matched against appendMatch, so all "
+            "unmatched passthrough traffic counts as blocked")
+    ref = change.new.target_ref if change.new is not None else TargetRef()
+    chosen, warning = select(ref, evidence.dataplanes)
+    if warning:
+        dec.warnings.append(f"{r.kind} {r.name}: {warning}")
+    fams = eff.families
+    window = _window_words(evidence.window_seconds)
+    online = [d for d in chosen if d.state != "offline"]
+    with_traffic = [(d, d.connections_in(fams), d.active_in(fams)) for d in online]
+    with_traffic = [x for x in with_traffic if x[1] > 0 or x[2] > 0]
+    unknown = [d for d in online if d.unknown and all(d is not t[0] for t in with_traffic)]
+    connections = sum(c for _, c, _ in with_traffic)
+    active = sum(a for _, _, a in with_traffic)
+    dec.evidence = {
+        "window_seconds": evidence.window_seconds,
+        "dataplanes": {
+            "total": len(chosen),
+            "with_traffic": len(with_traffic),
+            "unknown": len(unknown),
+            "offline": len(chosen) - len(online),
+        },
+        "connections": connections,
+        "active_connections": active,
+        "destinations": [],
+    }
+    base: Verdict
+    if with_traffic:
+        base = "deny"
+        dec.reasons.append(
+            f"{len(with_traffic)} of {len(chosen)} dataplanes opened {connections} passthrough "
+            f"connections {window}: "
+            + _names([(d.target.dataplane, c) for d, c, _ in with_traffic if c > 0] or
+                     [(d.target.dataplane, 0) for d, _, _ in with_traffic]))
+        if active:
+            dec.reasons.append(f"{active} passthrough connections are open now: "
+                               + _names([(d.target.dataplane, a)
+                                         for d, _, a in with_traffic if a > 0]))
+    elif not online:
+        base = policy.on_insufficient_data
+        where = "" if ref.kind == "Mesh" else " selected by the targetRef"
+        dec.reasons.append(f"passguard watches no online dataplane{where} in mesh {r.mesh!r}: "
+                           "no evidence either way")
+    elif unknown:
+        base = policy.on_insufficient_data
+        dec.reasons.append(
+            f"no passthrough traffic seen, but {len(unknown)} of {len(chosen)} dataplanes have "
+            f"no complete evidence {window}: "
+            + ", ".join(f"{d.target.dataplane} ({d.unknown_reason()})"
+                        for d in unknown[:MAX_NAMED])
+            + (f" and {len(unknown) - MAX_NAMED} more" if len(unknown) > MAX_NAMED else ""))
+    else:
+        base = "allow"
+        dec.reasons.append(f"no passthrough traffic {window} on {len(online)} watched "
+                           f"dataplane(s)")
+    verdict = cap(base, policy.mode)
+    if verdict != base:
+        dec.warnings.append(f"{policy.mode} mode: would {base} {r.kind} {r.name}: "
+                            + "; ".join(dec.reasons))
+    elif verdict == "warn":
+        dec.warnings.append(f"{r.kind} {r.name}: " + "; ".join(dec.reasons))
+    if verdict != "allow" and change.new is not None and change.new.break_glass:
+        dec.break_glass = change.new.break_glass
+        dec.warnings.append(f"{r.kind} {r.name}: {BREAK_GLASS} overrides a {verdict}: "
+                            f"{change.new.break_glass!r}")
+        verdict = "warn"
+    dec.verdict = verdict
+    return dec
+
+
+def overall(decisions: Sequence[Decision], default_mode: str,
+            warnings: Sequence[str]) -> dict[str, Any]:
+    """The response body: the worst verdict wins; every warning is kept."""
+    verdict: Verdict = "allow"
+    for d in decisions:
+        if SEVERITY[d.verdict] > SEVERITY[verdict]:
+            verdict = d.verdict
+    modes = {d.mode for d in decisions}
+    all_warnings = list(warnings) + [w for d in decisions for w in d.warnings]
+    return {
+        "allowed": verdict != "deny",
+        "verdict": verdict,
+        "mode": modes.pop() if len(modes) == 1 else default_mode,
+        "decisions": [d.to_json() for d in decisions],
+        "warnings": all_warnings,
+    }
+
+
+__all__ = ["MODE_RANK", "Decision", "Effect", "Evidence", "decide", "effect_of", "overall"]

@@ -1,0 +1,133 @@
+"""SQLite persistence of the evidence window, so a restart resumes instead of starting blind.
+
+Each scrape cycle is one transaction (WAL journal): after a crash the database
+holds the state of the last completed cycle, never half of one. Only what
+cannot be recomputed is stored: each dataplane's segments and last sample.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from passguard.envoy.names import FAMILIES, Family
+from passguard.envoy.stats import Counters
+from passguard.store.window import History, Sample, Segment
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS targets (
+    key TEXT PRIMARY KEY,
+    last_t REAL, last_uptime REAL, last_families TEXT,
+    last_success REAL, last_attempt REAL, last_error TEXT, last_duration REAL,
+    pruned_until REAL
+);
+CREATE TABLE IF NOT EXISTS segments (
+    key TEXT NOT NULL, start REAL, "end" REAL NOT NULL,
+    complete INTEGER NOT NULL, increase TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS segments_by_key ON segments (key, "end");
+"""
+
+
+def _encode(families: dict[Family, Counters]) -> str:
+    return json.dumps({f: list(c) for f, c in families.items()}, separators=(",", ":"))
+
+
+def _decode(text: str | None) -> dict[Family, Counters]:
+    if not text:
+        return {}
+    raw: dict[str, list[int]] = json.loads(text)
+    return {f: Counters(*raw[f]) for f in FAMILIES if f in raw}
+
+
+def _real(x: float | None) -> float | None:
+    # SQLite has no -inf literal worth trusting across versions: store NULL.
+    return None if x is None or math.isinf(x) else x
+
+
+class StateDB:
+    """One connection, used from worker threads one at a time (guarded by a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a cycle reported as written survives power loss, not only a crash.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{path} was written by a newer passguard (schema {version})")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def save(self, histories: Iterable[tuple[str, History, list[Segment]]],
+             prune_before: float, removed: Iterable[str] = ()) -> None:
+        """Write one cycle atomically: new segments, each target's last sample, pruning."""
+        seg_rows: list[tuple[Any, ...]] = []
+        target_rows: list[tuple[Any, ...]] = []
+        for key, h, new in histories:
+            for s in new:
+                seg_rows.append((key, _real(s.start), s.end, int(s.complete), _encode(s.increase)))
+            last = h.last
+            target_rows.append((
+                key, last.t if last else None, last.uptime if last else None,
+                _encode(last.families) if last else None, h.last_success, h.last_attempt,
+                h.last_error, h.last_duration, _real(h.pruned_until),
+            ))
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO segments VALUES (?,?,?,?,?)", seg_rows)
+                db.executemany(
+                    "INSERT INTO targets VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
+                    "last_t=excluded.last_t, last_uptime=excluded.last_uptime, "
+                    "last_families=excluded.last_families, last_success=excluded.last_success, "
+                    "last_attempt=excluded.last_attempt, last_error=excluded.last_error, "
+                    "last_duration=excluded.last_duration, pruned_until=excluded.pruned_until",
+                    target_rows)
+                db.execute('DELETE FROM segments WHERE "end" <= ?', (prune_before,))
+                for key in removed:
+                    db.execute("DELETE FROM segments WHERE key = ?", (key,))
+                    db.execute("DELETE FROM targets WHERE key = ?", (key,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def load(self) -> dict[str, History]:
+        out: dict[str, History] = {}
+        with self._lock:
+            for row in self._db.execute("SELECT * FROM targets"):
+                key, t, uptime, fams, success, attempt, error, duration, pruned = row
+                h = History()
+                if t is not None:
+                    h.last = Sample(t, uptime, _decode(fams))
+                h.last_success, h.last_attempt = success, attempt
+                h.last_error, h.last_duration = error, duration
+                h.pruned_until = -math.inf if pruned is None else pruned
+                out[key] = h
+            for key, start, end, complete, inc in self._db.execute(
+                    'SELECT key, start, "end", complete, increase FROM segments '
+                    'ORDER BY key, "end", rowid'):
+                if key in out:
+                    out[key].segments.append(Segment(
+                        -math.inf if start is None else start, end, _decode(inc), bool(complete)))
+        return out
+
+    def integrity_check(self) -> str:
+        with self._lock:
+            return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

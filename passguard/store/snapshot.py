@@ -1,0 +1,116 @@
+"""The immutable view every reader gets: evidence per dataplane, summaries per mesh.
+
+The poller builds a Snapshot after each scrape cycle; the gate, the metrics
+collector, the status page and the JSON API only read it. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from passguard.envoy.names import Family
+from passguard.envoy.stats import Counters
+from passguard.targets import Target
+
+State = Literal["fresh", "stale", "failed", "offline"]
+STATES: tuple[State, ...] = ("fresh", "stale", "failed", "offline")
+
+
+@dataclass(frozen=True, slots=True)
+class DataplaneEvidence:
+    target: Target
+    state: State
+    covered: bool
+    gap_reason: str | None
+    # Increases inside the window (or since the proxy started, standalone).
+    window: Mapping[Family, Counters]
+    active_connections: int
+    # Latest cumulative counters, exported as Prometheus counters.
+    latest: Mapping[Family, Counters]
+    uptime: float | None
+    last_success: float | None
+    last_attempt: float | None
+    error: str | None
+    scrape_duration: float | None
+
+    @property
+    def connections(self) -> int:
+        return sum(c.cx_total for c in self.window.values())
+
+    @property
+    def blocked_connections(self) -> int:
+        return sum(c.no_route for c in self.window.values())
+
+    @property
+    def has_traffic(self) -> bool:
+        return self.connections > 0 or self.active_connections > 0
+
+    @property
+    def unknown(self) -> bool:
+        """Evidence cannot vouch for this dataplane (offline ones are only listed)."""
+        if self.state == "offline":
+            return False
+        return self.state in ("stale", "failed") or not self.covered
+
+    def unknown_reason(self) -> str:
+        if self.state == "failed":
+            return f"failed: {self.error}" if self.error else "failed"
+        if self.state == "stale":
+            return "stale"
+        return self.gap_reason or "evidence does not cover the window"
+
+    def connections_in(self, families: frozenset[Family]) -> int:
+        return sum(c.cx_total for f, c in self.window.items() if f in families)
+
+    def active_in(self, families: frozenset[Family]) -> int:
+        return sum(c.cx_active for f, c in self.latest.items() if f in families)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    time: float
+    # None: evidence is "since each proxy started" (one standalone scrape).
+    window_seconds: float | None
+    stale_after: float
+    dataplanes: tuple[DataplaneEvidence, ...]
+    ready: bool = False
+
+    def meshes(self) -> list[str]:
+        return sorted({d.target.mesh for d in self.dataplanes})
+
+    def for_mesh(self, mesh: str) -> tuple[DataplaneEvidence, ...]:
+        return tuple(d for d in self.dataplanes if d.target.mesh == mesh)
+
+    def at(self, now: float) -> Snapshot:
+        """The snapshot as seen at ``now``: a dataplane whose last success is older
+        than the stale threshold is stale even if the poller itself has stalled."""
+        if now - self.time <= 0:
+            return self
+        out = []
+        for d in self.dataplanes:
+            if d.state == "fresh" and (d.last_success is None
+                                       or now - d.last_success > self.stale_after):
+                d = replace(d, state="stale")
+            out.append(d)
+        return replace(self, dataplanes=tuple(out))
+
+
+def mesh_summary(mesh: str, dps: tuple[DataplaneEvidence, ...]) -> dict[str, Any]:
+    """The per-mesh numbers of ``GET /v1/meshes`` (without the verdict)."""
+    counts = {s: 0 for s in ("fresh", "stale", "failed", "offline")}
+    for d in dps:
+        counts[d.state] += 1
+    return {
+        "mesh": mesh,
+        "dataplanes": {
+            "total": len(dps),
+            **counts,
+            "with_traffic": sum(1 for d in dps if d.has_traffic),
+            "unknown": sum(1 for d in dps if d.unknown),
+        },
+        "connections": sum(d.connections for d in dps),
+        "active_connections": sum(d.active_connections for d in dps),
+        "blocked_connections": sum(d.blocked_connections for d in dps),
+    }

@@ -1,0 +1,114 @@
+"""The evidence store: one History per dataplane, fed by scrape results.
+
+Only the poller writes here (one cycle at a time); it publishes an immutable
+Snapshot that every reader uses. Persistence is done off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from passguard.scraper import ScrapeResult
+from passguard.store.persistence import StateDB
+from passguard.store.snapshot import DataplaneEvidence, Snapshot, State
+from passguard.store.window import History, Segment
+from passguard.targets import Target
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    def __init__(self, window: float, stale_after: float, db: StateDB | None = None,
+                 since_start: bool = False) -> None:
+        self.window = window
+        self.stale_after = stale_after
+        self.db = db
+        # Standalone `passguard check -c`: one scrape, counters since proxy start.
+        self.since_start = since_start
+        self.targets: dict[str, Target] = {}
+        self.histories: dict[str, History] = {}
+        self._removed: set[str] = set()
+        self.restored = False
+        self.cycles = 0
+        self.snapshot = Snapshot(0.0, None if since_start else window, stale_after, ())
+
+    def restore(self) -> int:
+        """Load the persisted window; return how many dataplanes it held."""
+        if self.db is None:
+            return 0
+        self.histories = self.db.load()
+        self.restored = bool(self.histories)
+        return len(self.histories)
+
+    def set_targets(self, targets: Iterable[Target]) -> None:
+        new = {t.key: t for t in targets}
+        for key in set(self.histories) - set(new):
+            del self.histories[key]
+            self._removed.add(key)
+        self.targets = new
+        for key in new:
+            self.histories.setdefault(key, History())
+            self._removed.discard(key)
+
+    def record(self, results: Iterable[ScrapeResult]) -> list[tuple[str, History, list[Segment]]]:
+        updates = []
+        for r in results:
+            h = self.histories.get(r.target.key)
+            if h is None:  # target removed while its scrape was in flight
+                continue
+            h.last_duration = r.duration
+            if r.reading is not None:
+                added = h.add(r.t, r.reading, self.stale_after)
+            else:
+                h.fail(r.t, r.error or "unknown error")
+                added = []
+            updates.append((r.target.key, h, added))
+        self.cycles += 1
+        return updates
+
+    def prune_before(self, now: float) -> float:
+        # One extra stale threshold: a segment straddling the window start
+        # must still be there to be judged.
+        return now - self.window - self.stale_after
+
+    async def persist(self, updates: list[tuple[str, History, list[Segment]]], now: float) -> None:
+        before = self.prune_before(now)
+        for h in self.histories.values():
+            h.prune(before)
+        if self.db is None:
+            self._removed.clear()
+            return
+        removed, self._removed = list(self._removed), set()
+        await asyncio.to_thread(self.db.save, updates, before, removed)
+
+    def build_snapshot(self, now: float) -> Snapshot:
+        window_start = now - self.window
+        out = []
+        for key, target in self.targets.items():
+            h = self.histories[key]
+            res = h.since_start() if self.since_start else h.window(window_start,
+                                                                     self.stale_after)
+            state: State
+            if target.offline:
+                state = "offline"
+            elif h.last_error is not None and (h.last_success is None
+                                               or (h.last_attempt or 0) > h.last_success):
+                state = "failed"
+            elif h.last_success is None or now - h.last_success > self.stale_after:
+                state = "stale"
+            else:
+                state = "fresh"
+            last = h.last
+            out.append(DataplaneEvidence(
+                target=target, state=state, covered=res.covered, gap_reason=res.gap_reason,
+                window=res.connections, active_connections=h.active(),
+                latest=dict(last.families) if last else {},
+                uptime=last.uptime if last else None, last_success=h.last_success,
+                last_attempt=h.last_attempt, error=h.last_error, scrape_duration=h.last_duration,
+            ))
+        snap = Snapshot(now, None if self.since_start else self.window, self.stale_after,
+                        tuple(out), ready=self.cycles > 0 or self.restored)
+        self.snapshot = snap
+        return snap

@@ -1,0 +1,203 @@
+"""The reset-aware evidence window of one dataplane.
+
+Successive samples of Envoy's cumulative counters are turned into *segments*:
+``(start, end, increase)`` — what the proxy did between two moments. Summing
+the segments that fall in the window gives Prometheus ``increase()`` without
+its extrapolation, and the segments also answer the harder question: does
+passguard's evidence *cover* the window (DESIGN §3 "Coverage")?
+
+- A counter that goes down, or an uptime that did not advance with the clock,
+  is a proxy restart: the increase is the new value (all since the restart).
+- The first sample of a proxy contributes a segment from the proxy's start
+  (``server.uptime``) to the sample. If the proxy started inside the window,
+  all of it counts; if it read zero, nothing happened; otherwise its traffic
+  may predate the window, and the evidence is incomplete until one window has
+  passed.
+- A segment that straddles the window start is counted whole when it is short
+  (a normal scrape interval: counting a few seconds early errs on the safe
+  side), and makes the evidence incomplete when it is long and not zero.
+- A restart inside a long gap loses what the old incarnation did after the
+  last sample: that stretch is incomplete.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from passguard.envoy.names import Family
+from passguard.envoy.stats import ZERO, Counters, StatsReading
+
+NEG_INF = -math.inf
+# Envoy refreshes server.uptime when it flushes stats (every 5 s by default),
+# so an uptime may lag the clock by that much plus scrape latency.
+UPTIME_SLACK_SECONDS = 10.0
+
+
+class Segment(NamedTuple):
+    start: float
+    end: float
+    increase: dict[Family, Counters]
+    complete: bool = True
+
+    @property
+    def connections(self) -> int:
+        return sum(c.cx_total for c in self.increase.values())
+
+
+class Sample(NamedTuple):
+    t: float
+    uptime: float | None
+    families: dict[Family, Counters]
+
+
+@dataclass(slots=True)
+class WindowResult:
+    connections: dict[Family, Counters]
+    covered: bool
+    # Why not covered, for a person: "watched 2m of 15m", "restart in a gap".
+    gap_reason: str | None
+
+    @property
+    def total_connections(self) -> int:
+        return sum(c.cx_total for c in self.connections.values())
+
+    @property
+    def blocked(self) -> int:
+        return sum(c.no_route for c in self.connections.values())
+
+
+def _delta(a: Counters, b: Counters) -> Counters:
+    # cx_active is a gauge: an increase of it means nothing, keep it at 0.
+    return Counters(
+        b.cx_total - a.cx_total, 0, b.tx_bytes - a.tx_bytes, b.rx_bytes - a.rx_bytes,
+        b.connect_fail - a.connect_fail, b.overflow - a.overflow, b.no_route - a.no_route,
+    )
+
+
+def _as_increase(c: Counters) -> Counters:
+    return c._replace(cx_active=0)
+
+
+def restarted(a: Sample, b: Sample) -> bool:
+    """Did the proxy restart between two samples?"""
+    for fam, cb in b.families.items():
+        ca = a.families.get(fam)
+        # Every field but cx_active (a gauge) is a counter: one going down
+        # means the proxy started counting again.
+        if ca is not None and any(
+            y < x for i, (x, y) in enumerate(zip(ca, cb, strict=True)) if i != 1
+        ):
+            return True
+    if a.uptime is not None and b.uptime is not None:
+        if b.uptime < a.uptime:
+            return True
+        # The uptime did not advance with the clock: the proxy is younger than
+        # the gap since the last sample, so it restarted inside the gap.
+        if b.uptime + UPTIME_SLACK_SECONDS < a.uptime + (b.t - a.t):
+            return True
+    return False
+
+
+class History:
+    """Segments of one dataplane plus what the status page and metrics need."""
+
+    __slots__ = ("last", "last_attempt", "last_duration", "last_error", "last_success",
+                 "pruned_until", "segments")
+
+    def __init__(self) -> None:
+        self.segments: deque[Segment] = deque()
+        self.last: Sample | None = None
+        self.last_success: float | None = None
+        self.last_attempt: float | None = None
+        self.last_error: str | None = None
+        self.last_duration: float | None = None
+        # Segments ending at or before this were pruned with traffic (or
+        # incomplete) in them: a window reaching back before it is uncovered.
+        self.pruned_until: float = NEG_INF
+
+    def add(self, t: float, reading: StatsReading, stale_gap: float) -> list[Segment]:
+        """Record a successful scrape; return the segments it added (to persist)."""
+        b = Sample(t, reading.uptime, reading.families)
+        a = self.last
+        added: list[Segment] = []
+        if a is None:
+            start = t - reading.uptime if reading.uptime is not None else NEG_INF
+            inc = {f: _as_increase(c) for f, c in b.families.items()}
+            added.append(Segment(start, t, inc))
+        elif restarted(a, b):
+            inc = {f: _as_increase(c) for f, c in b.families.items()}
+            if t - a.t <= stale_gap:
+                # A regular cadence: what the old proxy did after sample `a`
+                # is at most one interval's worth, accepted as Prometheus does.
+                added.append(Segment(a.t, t, inc))
+            elif b.uptime is not None:
+                restart_at = max(a.t, t - b.uptime)
+                added.append(Segment(a.t, restart_at, {}, complete=False))
+                added.append(Segment(restart_at, t, inc))
+            else:
+                added.append(Segment(a.t, t, inc, complete=False))
+        else:
+            inc = {}
+            for fam, cb in b.families.items():
+                ca = a.families.get(fam)
+                inc[fam] = _as_increase(cb) if ca is None else _delta(ca, cb)
+            added.append(Segment(a.t, t, inc))
+        self.segments.extend(added)
+        self.last = b
+        self.last_success = t
+        self.last_attempt = t
+        self.last_error = None
+        return added
+
+    def fail(self, t: float, error: str) -> None:
+        self.last_attempt = t
+        self.last_error = error
+
+    def prune(self, before: float) -> None:
+        """Forget segments that ended before ``before`` (older than any window asked)."""
+        segs = self.segments
+        while segs and segs[0].end <= before:
+            seg = segs.popleft()
+            if seg.connections or not seg.complete:
+                self.pruned_until = max(self.pruned_until, seg.end)
+
+    def window(self, window_start: float, short: float) -> WindowResult:
+        """Increase inside ``[window_start, last sample]`` and whether it is complete."""
+        acc: dict[Family, Counters] = {}
+        covered = True
+        reason: str | None = None
+        if self.last is None:
+            return WindowResult({}, False, "never scraped successfully")
+        for seg in reversed(self.segments):
+            if seg.end <= window_start:
+                break
+            if not seg.complete:
+                covered = False
+                reason = "the proxy restarted during a gap in scraping"
+            counts = seg.start >= window_start or (seg.end - seg.start) <= short
+            if counts:
+                for fam, c in seg.increase.items():
+                    acc[fam] = acc[fam] + c if fam in acc else c
+            elif seg.connections:
+                covered = False
+                reason = reason or "its counters include traffic from before passguard watched it"
+        if self.pruned_until > window_start:
+            covered = False
+            reason = reason or "older samples were already pruned"
+        return WindowResult(acc, covered, reason)
+
+    def since_start(self) -> WindowResult:
+        """Everything the proxy counted since it started: the standalone check."""
+        if self.last is None:
+            return WindowResult({}, False, "never scraped successfully")
+        return WindowResult({f: _as_increase(c) for f, c in self.last.families.items()},
+                            True, None)
+
+    def active(self) -> int:
+        return sum(c.cx_active for c in self.last.families.values()) if self.last else 0
+
+
+__all__ = ["NEG_INF", "ZERO", "History", "Sample", "Segment", "WindowResult", "restarted"]

@@ -1,0 +1,22 @@
+"""A scrape target: one sidecar's Envoy admin, with the labels that place it in a mesh."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    url: str
+    mesh: str
+    dataplane: str
+    service: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    # Known disconnected from the control plane: listed, never counted unknown.
+    offline: bool = False
+
+    @property
+    def key(self) -> str:
+        """Identity across restarts and reloads: a dataplane name is unique in its mesh."""
+        return f"{self.mesh}/{self.dataplane}"

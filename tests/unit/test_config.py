@@ -1,0 +1,100 @@
+"""Config validation: every key of the example parses; every error names its key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from passguard import config
+from passguard.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_example_config_is_valid_and_matches_defaults() -> None:
+    cfg = config.load(ROOT / "config" / "passguard.example.yaml")
+    defaults = config.Config()
+    assert cfg.scrape == defaults.scrape
+    assert cfg.window == defaults.window == 900
+    assert cfg.passthrough_clusters == defaults.passthrough_clusters
+    assert cfg.gate == defaults.gate
+    assert cfg.limits == defaults.limits
+    assert cfg.state_path == ROOT / "config" / "passguard-state.db"
+    [src] = cfg.sources
+    assert src.targets[0].url == "http://127.0.0.1:9901"
+
+
+def errors_of(text: str, tmp_path: Path) -> list[str]:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(p)
+    return info.value.errors
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("listen: nope", "listen: 'nope' is not host:port"),
+    ("scrape: {interval: 15}",
+     "scrape.interval: must be a duration string like '15s', got a number"),
+    ("scrape: {interval: 15 s, timeout: 20s}", "scrape.timeout: (20s) must not exceed"),
+    ("scrape: {intervall: 15s}", "scrape.intervall: unknown key"),
+    ("window: 1fortnight", "window: '1fortnight' is not a duration"),
+    ("bogus: 1", "bogus: unknown key"),
+    ("gate: {mode: block}", "gate.mode: must be one of enforce, warn, audit, got 'block'"),
+    ("gate: {meshes: {prod: {mode: loud}}}", "gate.meshes.prod.mode: must be one of"),
+    ("passthrough: {clusters: '(unclosed'}", "passthrough.clusters: invalid regular expression"),
+    ("sources: [{kind: envoy, targets: [{url: http://a:1}, {url: http://b:1}, {url: ftp://x}]}]",
+     "sources[0].targets[2].url: 'ftp://x' must start with http://, https:// or unix://"),
+    ("sources: [{kind: envoy, targets: [{url: http://a:1, labels: {mesh: [1]}}]}]",
+     "sources[0].targets[0].labels.mesh: must be a string, got a list"),
+    ("sources: [{kind: envoy, targets: [{url: http://a:1, labels: {dataplane: x}}, "
+     "{url: http://b:1, labels: {dataplane: x}}]}]", "is listed twice"),
+    ("sources: [{kind: consul}]", "sources[0].kind: must be 'envoy', got 'consul'"),
+    ("listen: 0.0.0.0:9110", "listen: 0.0.0.0:9110 is not a loopback address"),
+    ("a: 1\na: 2", "duplicate"),
+    ("- just\n- a list", "must be a mapping, got a list"),
+])
+def test_errors_name_the_key_path(text: str, error: str, tmp_path: Path) -> None:
+    errs = errors_of(text, tmp_path)
+    assert any(error in e for e in errs), errs
+
+
+def test_all_errors_reported_at_once(tmp_path: Path) -> None:
+    errs = errors_of("window: x\ngate: {mode: y}\nscrape: {timeout: z}", tmp_path)
+    assert len(errs) == 3
+
+
+def test_insecure_allows_public_bind(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("listen: 0.0.0.0:9110\nauth: {insecure: true}\n")
+    assert config.load(p).listen.port == 9110
+
+
+def test_durations() -> None:
+    assert config.parse_duration("500ms") == 0.5
+    assert config.parse_duration("15m") == 900
+    assert config.format_duration(900) == "15m"
+    assert config.format_duration(90) == "90s"
+
+
+def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("window: 5m\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("window: 5 minutes\nscrape: {concurrency: 0}\n")
+    ok = subprocess.run([sys.executable, "-m", "passguard", "config", "check", "-c", str(good)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "valid" in ok.stdout
+    ko = subprocess.run([sys.executable, "-m", "passguard", "config", "check", "-c", str(bad)],
+                        capture_output=True, text=True, timeout=60)
+    assert ko.returncode == 2
+    assert "window:" in ko.stderr and "scrape.concurrency:" in ko.stderr
+    assert "Traceback" not in ko.stderr
+    missing = subprocess.run([sys.executable, "-m", "passguard", "config", "check", "-c",
+                              str(tmp_path / "nope.yaml")], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr

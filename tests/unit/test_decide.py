@@ -1,0 +1,167 @@
+"""decide() over every mode × evidence × change kind, and the exact JSON shape."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+
+from passguard.config import GatePolicy
+from passguard.envoy.stats import Counters
+from passguard.gate.decide import Evidence, decide, overall
+from passguard.gate.documents import Change, Match, Resource, TargetRef
+from passguard.store.snapshot import DataplaneEvidence, State
+from passguard.targets import Target
+
+
+def dp(name: str, *, conns: int = 0, active: int = 0, state: State = "fresh",
+       covered: bool = True, fam: str = "ipv4", service: str = "web",
+       tags: dict[str, str] | None = None) -> DataplaneEvidence:
+    window = {fam: Counters(cx_total=conns)} if conns else {}
+    latest = {fam: Counters(cx_total=conns, cx_active=active)}
+    return DataplaneEvidence(
+        target=Target(f"http://{name}", "default", name, service, tags or {}),
+        state=state, covered=covered, gap_reason=None if covered else "watched 1m of 15m",
+        window=window, active_connections=active, latest=latest, uptime=100.0,
+        last_success=1.0, last_attempt=1.0, error="refused" if state == "failed" else None,
+        scrape_duration=0.01)
+
+
+MESH_OFF = Change(Resource("Mesh", "default", "default", "universal", "None"), None, "assumed")
+MESH_ON = Change(Resource("Mesh", "default", "default", "universal", "All"), None, "assumed")
+MP_NONE = Change(Resource("MeshPassthrough", "mp", "default", "universal", "None"), None,
+                 "assumed")
+MP_MATCHED = Change(Resource("MeshPassthrough", "mp", "default", "universal", "Matched",
+                             (Match("IP", "10.0.0.1", 443),)), None, "assumed")
+MP_ALL = Change(Resource("MeshPassthrough", "mp", "default", "universal", "All"), None,
+                "assumed")
+
+EVIDENCE = {
+    "traffic": (dp("web-1", conns=40), dp("api-3", conns=7), dp("db-1")),
+    "active": (dp("web-1", active=1), dp("db-1")),
+    "none": (dp("web-1"), dp("db-1")),
+    "unknown": (dp("web-1"), dp("db-1", state="stale")),
+    "uncovered": (dp("web-1"), dp("db-1", covered=False)),
+    "failed": (dp("web-1"), dp("db-1", state="failed")),
+    "empty": (),
+    "offline_only": (dp("web-1", state="offline"),),
+}
+REDUCING = {"mesh-off": MESH_OFF, "mp-none": MP_NONE, "mp-matched": MP_MATCHED}
+NOT_REDUCING = {"mesh-on": MESH_ON, "mp-all": MP_ALL}
+CAP = {"enforce": "deny", "warn": "warn", "audit": "allow"}
+ORDER = ["allow", "warn", "deny"]
+
+
+def expected(mode: str, fallback: str, evidence: str, change: str) -> str:
+    if change in NOT_REDUCING:
+        return "allow"
+    base = {"traffic": "deny", "active": "deny", "none": "allow"}.get(evidence, fallback)
+    return min(base, CAP[mode], key=ORDER.index)
+
+
+@pytest.mark.parametrize(
+    ("mode", "fallback", "evidence", "change"),
+    list(itertools.product(["enforce", "warn", "audit"], ["deny", "warn", "allow"],
+                           list(EVIDENCE), [*REDUCING, *NOT_REDUCING])),
+)
+def test_verdict_table(mode: str, fallback: str, evidence: str, change: str) -> None:
+    ch = {**REDUCING, **NOT_REDUCING}[change]
+    d = decide(ch, Evidence("default", 900.0, EVIDENCE[evidence]),
+               GatePolicy(mode, fallback))  # type: ignore[arg-type]
+    assert d.verdict == expected(mode, fallback, evidence, change)
+    assert d.reasons, "every decision says why"
+    if change in REDUCING and d.verdict != expected("enforce", fallback, evidence, change):
+        assert any("would" in w for w in d.warnings), "a capped verdict says what it would be"
+
+
+def test_decision_json_shape_matches_design() -> None:
+    ev = Evidence("default", 900.0, (dp("web-1", conns=40, active=1), dp("api-3", conns=7),
+                                     *(dp(f"idle-{i}") for i in range(9)),
+                                     dp("gone", state="offline")))
+    d = decide(MESH_OFF, ev, GatePolicy("enforce", "deny"))
+    body = overall([d], "enforce", [])
+    assert json.loads(json.dumps(body)) == {
+        "allowed": False,
+        "verdict": "deny",
+        "mode": "enforce",
+        "decisions": [{
+            "mesh": "default",
+            "change": {"kind": "Mesh", "name": "default",
+                       "effect": "disables passthrough for the whole mesh "
+                                 "(previous state assumed enabled)"},
+            "verdict": "deny",
+            "mode": "enforce",
+            "reasons": [
+                "2 of 12 dataplanes opened 47 passthrough connections in the last 15m: "
+                "web-1 (40), api-3 (7)",
+                "1 passthrough connections are open now: web-1 (1)",
+            ],
+            "evidence": {
+                "window_seconds": 900.0,
+                "dataplanes": {"total": 12, "with_traffic": 2, "unknown": 0, "offline": 1},
+                "connections": 47, "active_connections": 1, "destinations": [],
+            },
+        }],
+        "warnings": [],
+    }
+
+
+def test_unknown_dataplanes_are_named() -> None:
+    d = decide(MESH_OFF, Evidence("default", 900.0, EVIDENCE["failed"]),
+               GatePolicy("enforce", "deny"))
+    assert d.verdict == "deny"
+    assert "db-1 (failed: refused)" in d.reasons[0]
+
+
+def test_break_glass_allows_with_warning() -> None:
+    r = Resource("Mesh", "default", "default", "kubernetes", "None", break_glass="INC-42 ok")
+    d = decide(Change(r, None, "assumed"), Evidence("default", 900.0, EVIDENCE["traffic"]),
+               GatePolicy("enforce", "deny"))
+    assert d.verdict == "warn" and d.break_glass == "INC-42 ok"
+    assert any("passguard.io/acknowledge-traffic" in w for w in d.warnings)
+    assert overall([d], "enforce", [])["allowed"] is True
+
+
+def test_old_state_disabled_is_not_a_reduction() -> None:
+    old = Resource("Mesh", "default", "default", "universal", "None")
+    new = Resource("Mesh", "default", "default", "universal", "None")
+    d = decide(Change(new, old, "document"), Evidence("default", 900.0, EVIDENCE["traffic"]),
+               GatePolicy("enforce", "deny"))
+    assert d.verdict == "allow" and d.evidence is None
+
+
+def test_matched_only_counts_unmatched_families() -> None:
+    ev = Evidence("default", 900.0, (dp("web-1", conns=5, fam="matched"),))
+    assert decide(MP_MATCHED, ev, GatePolicy("enforce", "deny")).verdict == "allow"
+    assert decide(MP_NONE, ev, GatePolicy("enforce", "deny")).verdict == "deny"
+    # A Mesh flag does not govern matched clusters: a MeshPassthrough does.
+    assert decide(MESH_OFF, ev, GatePolicy("enforce", "deny")).verdict == "allow"
+
+
+def test_matched_removing_a_match_counts_matched_family() -> None:
+    old = Resource("MeshPassthrough", "mp", "default", "universal", "Matched",
+                   (Match("IP", "10.0.0.1", 443), Match("IP", "10.0.0.2", 443)))
+    new = Resource("MeshPassthrough", "mp", "default", "universal", "Matched",
+                   (Match("IP", "10.0.0.1", 443),))
+    ev = Evidence("default", 900.0, (dp("web-1", conns=5, fam="matched"),))
+    assert decide(Change(new, old, "document"), ev, GatePolicy("enforce", "deny")).verdict \
+        == "deny"
+
+
+@pytest.mark.parametrize(("ref", "selected"), [
+    (TargetRef("Dataplane", name="web-1"), ["web-1"]),
+    (TargetRef("Dataplane", labels={"app": "demo"}), ["api-3"]),
+    (TargetRef("MeshSubset", tags={"kuma.io/service": "api"}), ["api-3"]),
+    (TargetRef("Mesh"), ["web-1", "api-3"]),
+])
+def test_target_ref_selects_dataplanes(ref: TargetRef, selected: list[str]) -> None:
+    dps = (dp("web-1", conns=1), dp("api-3", conns=2, service="api", tags={"app": "demo"}))
+    r = Resource("MeshPassthrough", "mp", "default", "universal", "None", target_ref=ref)
+    d = decide(Change(r, None, "assumed"), Evidence("default", 900.0, dps),
+               GatePolicy("enforce", "deny"))
+    ev: Any = d.evidence
+    assert ev["dataplanes"]["total"] == len(selected)
+    for name in selected:
+        assert name in d.reasons[0]
