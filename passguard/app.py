@@ -21,6 +21,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from passguard import config as config_mod
+from passguard.audit import AuditLog
 from passguard.config import Config
 from passguard.errors import ConfigError
 from passguard.metrics import Metrics
@@ -30,7 +31,9 @@ from passguard.sources.static import StaticSource
 from passguard.store.persistence import StateDB
 from passguard.store.store import Store
 from passguard.targets import Target
+from passguard.web.auth import TokenStore
 from passguard.web.routes import build_app
+from passguard.web.tls import CertReloader
 
 log = logging.getLogger(__name__)
 JOB_ID = "scrape"
@@ -41,6 +44,10 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.db = StateDB(config.state_path)
+        self.audit = AuditLog(config.state_path)
+        self.tokens = TokenStore(config.auth.tokens_file) if config.auth.tokens_file else None
+        self.tls = CertReloader(config.auth.tls) if config.auth.tls else None
+        self._background: list[asyncio.Task[None]] = []
         self.store = Store(config.window, config.stale_after, self.db)
         self.scraper = Scraper(config)
         self.sources = [StaticSource(s) for s in config.sources]
@@ -118,6 +125,8 @@ class Daemon:
                 if self.config_path is None:
                     raise ConfigError(["no config file to reload (started without -c)"])
                 new = config_mod.load(self.config_path)
+                # A tokens file that does not parse refuses the whole reload.
+                tokens = TokenStore(new.auth.tokens_file) if new.auth.tokens_file else None
             except ConfigError as exc:
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload refused, keeping the running configuration: %s", exc)
@@ -125,6 +134,7 @@ class Daemon:
                     self.notifier.ready()
                 return str(exc)
             await self._apply(new)
+            self.tokens = tokens
             self.metrics.reloads.labels("success").inc()
             log.info("configuration reloaded from %s", self.config_path)
             if announce:
@@ -167,7 +177,8 @@ class Daemon:
         self.runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self.runner.setup()
         listen = self.config.listen
-        site = web.TCPSite(self.runner, listen.host, listen.port, reuse_address=True)
+        site = web.TCPSite(self.runner, listen.host, listen.port, reuse_address=True,
+                           ssl_context=self.tls.context if self.tls else None)
         await site.start()
         if listen.port == 0:  # tests ask for any free port: record the real one
             server = site._server
@@ -175,15 +186,35 @@ class Daemon:
             if sockets:
                 self.config = replace(self.config, listen=replace(
                     listen, port=sockets[0].getsockname()[1]))
-        log.info("listening on %s", listen)
+        log.info("listening on %s%s", "https://" if self.tls else "http://", self.config.listen)
+        if self.tls is not None:
+            self._background.append(asyncio.create_task(self.tls.run(self.stopping)))
+        self._background.append(asyncio.create_task(self._audit_retention()))
         if schedule:
             self.scheduler = AsyncIOScheduler()
             self._schedule()
             self.scheduler.start()
         self._maybe_ready()
 
+    async def _audit_retention(self) -> None:
+        """Drop audit entries older than ``audit.retention``, hourly."""
+        while not self.stopping.is_set():
+            try:
+                removed = await asyncio.to_thread(
+                    self.audit.prune, time.time() - self.config.audit.retention)
+                if removed:
+                    log.info("audit: %d entries older than the retention removed", removed)
+            except Exception as exc:
+                log.error("audit retention failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 3600)
+
     async def stop(self) -> None:
         self.notifier.stopping()
+        self.stopping.set()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
@@ -194,6 +225,7 @@ class Daemon:
             await self.runner.cleanup()
             self.runner = None
         await asyncio.to_thread(self.db.close)
+        await asyncio.to_thread(self.audit.close)
         log.info("stopped")
 
     async def watchdog(self) -> None:

@@ -133,8 +133,32 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    # Kubernetes secret mounts change files without inotify events that
+    # survive the symlink swap: passguard compares digests on this period.
+    reload_interval: float = 10.0
+
+
+@dataclass(frozen=True)
 class AuthConfig:
+    tokens_file: Path | None = None
+    tls: TLSConfig | None = None
+    protect_metrics: bool = False
     insecure: bool = False
+
+    @property
+    def configured(self) -> bool:
+        """Some authentication stands between the network and the gate."""
+        return self.tokens_file is not None or (
+            self.tls is not None and self.tls.client_ca_file is not None)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    retention: float = 90 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +172,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     # Where the file was read from: relative paths in it are resolved
     # against its folder, so `passguard run -c /etc/passguard/x.yaml`
     # does not depend on the working directory systemd happens to use.
@@ -337,7 +362,7 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
     errors = _Errors()
     r = _Reader(errors)
     top = r.mapping(raw, "", {"listen", "scrape", "window", "state", "passthrough", "sources",
-                              "gate", "limits", "auth"})
+                              "gate", "limits", "auth", "audit"})
     if top is None:
         raise ConfigError(errors.items)
     defaults = Config()
@@ -461,20 +486,57 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
                              max_nodes=dl.max_nodes, max_scalar_bytes=dl.max_scalar_bytes),
         )
 
-    auth = defaults.auth
-    au = r.mapping(top.get("auth"), "auth", {"insecure"})
-    if au is not None and "insecure" in au and (b := r.boolean(au["insecure"], "auth.insecure")):
-        auth = AuthConfig(insecure=b)
-    if not listen.is_loopback and not auth.insecure:
+    auth = _auth(top.get("auth"), base_dir, r)
+    if not listen.is_loopback and not auth.configured and not auth.insecure:
         errors.add("listen", f"{listen} is not a loopback address and no authentication is "
-                             "configured; bind 127.0.0.1, or set auth.insecure: true to expose "
-                             "the gate without authentication on purpose")
+                             "configured (auth.tokens_file or auth.tls.client_ca_file); bind "
+                             "127.0.0.1, or set auth.insecure: true to expose the gate without "
+                             "authentication on purpose")
+
+    audit = defaults.audit
+    ad = r.mapping(top.get("audit"), "audit", {"retention"})
+    if ad is not None and "retention" in ad and (
+            ret := r.duration(ad["retention"], "audit.retention", 3600.0)) is not None:
+        audit = AuditConfig(retention=ret)
 
     if errors.items:
         raise ConfigError(errors.items)
     return Config(listen=listen, scrape=scrape, window=window, state_path=state_path,
                   passthrough_clusters=clusters, sources=tuple(sources), gate=gate,
-                  limits=limits, auth=auth, base_dir=base_dir)
+                  limits=limits, auth=auth, audit=audit, base_dir=base_dir)
+
+
+def _path(value: Any, path: str, base_dir: Path, r: _Reader) -> Path | None:
+    s = r.string(value, path)
+    if s is None:
+        return None
+    p = Path(s)
+    return p if p.is_absolute() else base_dir / p
+
+
+def _auth(raw: Any, base_dir: Path, r: _Reader) -> AuthConfig:
+    au = r.mapping(raw, "auth", {"tokens_file", "tls", "protect_metrics", "insecure"})
+    if not au:
+        return AuthConfig()
+    tokens = _path(au["tokens_file"], "auth.tokens_file", base_dir, r) \
+        if "tokens_file" in au else None
+    tls = None
+    t = r.mapping(au.get("tls"), "auth.tls",
+                  {"cert_file", "key_file", "client_ca_file", "reload_interval"})
+    if t:
+        cert = _path(t.get("cert_file"), "auth.tls.cert_file", base_dir, r)
+        key = _path(t.get("key_file"), "auth.tls.key_file", base_dir, r)
+        ca = _path(t["client_ca_file"], "auth.tls.client_ca_file", base_dir, r) \
+            if "client_ca_file" in t else None
+        every = r.duration(t["reload_interval"], "auth.tls.reload_interval", 1.0) \
+            if "reload_interval" in t else 10.0
+        if cert is not None and key is not None:
+            tls = TLSConfig(cert, key, ca, every or 10.0)
+    protect = r.boolean(au["protect_metrics"], "auth.protect_metrics") \
+        if "protect_metrics" in au else False
+    insecure = r.boolean(au["insecure"], "auth.insecure") if "insecure" in au else False
+    return AuthConfig(tokens_file=tokens, tls=tls, protect_metrics=bool(protect),
+                      insecure=bool(insecure))
 
 
 def load(path: str | Path) -> Config:

@@ -112,6 +112,9 @@ class Metrics:
                                         "to the state database", registry=self.registry)
         # process_* (CPU, memory, open files) of passguard itself.
         ProcessCollector(registry=self.registry)
+        self.audit_failures = Counter("passguard_audit_write_failures",
+                                      "Decisions whose audit entry could not be written",
+                                      registry=self.registry)
         build = Gauge("passguard_build_info", "passguard version", ["version"],
                       registry=self.registry)
         build.labels(__version__).set(1)

@@ -73,6 +73,13 @@ def effect_of(change: Change) -> Effect:
     new, old = change.new, change.old
     r = change.resource
     if new is None:
+        assert old is not None
+        if old.kind == "MeshPassthrough" and old.mode == "All":
+            # The policy was what let traffic out: without it the proxies fall
+            # back to another policy or the Mesh flag, which may be off.
+            return Effect(True, "deletes a policy that allows all passthrough for "
+                                f"{_scope_words(old.target_ref)}: the proxies fall back to "
+                                "the Mesh setting", GENERIC)
         return Effect(False, f"deletes {r.kind} {r.name}")
     old_mode = old.mode if old is not None else "All"
     assumed = "" if old is not None else " (previous state assumed enabled)"
@@ -170,7 +177,7 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
         dec.warnings.append(
             f"{r.kind} {r.name}: destinations are not yet matched against appendMatch, so all "
             "unmatched passthrough traffic counts as blocked")
-    ref = change.new.target_ref if change.new is not None else TargetRef()
+    ref = change.resource.target_ref
     chosen, warning = select(ref, evidence.dataplanes)
     if warning:
         dec.warnings.append(f"{r.kind} {r.name}: {warning}")
@@ -229,10 +236,10 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
                             + "; ".join(dec.reasons))
     elif verdict == "warn":
         dec.warnings.append(f"{r.kind} {r.name}: " + "; ".join(dec.reasons))
-    if verdict != "allow" and change.new is not None and change.new.break_glass:
-        dec.break_glass = change.new.break_glass
+    if verdict != "allow" and r.break_glass:
+        dec.break_glass = r.break_glass
         dec.warnings.append(f"{r.kind} {r.name}: {BREAK_GLASS} overrides a {verdict}: "
-                            f"{change.new.break_glass!r}")
+                            f"{r.break_glass!r}")
         verdict = "warn"
     dec.verdict = verdict
     return dec

@@ -7,26 +7,37 @@ but no input path is meant to reach it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from passguard.audit import AuditEntry
+from passguard.config import parse_duration
 from passguard.errors import InputError
-from passguard.gate import service
+from passguard.gate import admission, service
 from passguard.gate.decide import Evidence, decide
 from passguard.gate.documents import Change, Resource
 from passguard.gate.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
 from passguard.web import status_page
+from passguard.web.auth import TokenStore
 
 if TYPE_CHECKING:
     from passguard.app import Daemon
 
 log = logging.getLogger(__name__)
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+REQUESTER: web.RequestKey[str] = web.RequestKey("requester", str)
+ANONYMOUS = "anonymous"
+# Routes that change or reveal decisions: always behind the tokens when
+# tokens are configured. The admission route is authenticated by TLS (the
+# API server's client certificate) and may also carry a token.
+TOKEN_ROUTES = ("/v1/check", "/v1/audit", "/-/reload")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -37,6 +48,43 @@ def rfc3339(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _peer_name(request: web.Request) -> str | None:
+    """The client certificate's CN under mutual TLS."""
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return f"cert:{value}"
+    for _kind, value in cert.get("subjectAltName", ()):
+        return f"cert:{value}"
+    return "cert:unnamed"
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    daemon = request.app[DAEMON]
+    tokens: TokenStore | None = daemon.tokens
+    header = request.headers.get("Authorization", "")
+    name: str | None = None
+    presented = header.startswith("Bearer ")
+    if tokens is not None and presented:
+        name = tokens.name_for(header[len("Bearer "):].strip())
+    needs_token = tokens is not None and (
+        request.path in TOKEN_ROUTES or (daemon.config.auth.protect_metrics
+                                         and request.path != "/v1/admission"))
+    if needs_token and name is None:
+        error = "invalid_token" if presented else "invalid_request"
+        text = "the bearer token is not valid" if presented else "a bearer token is required"
+        resp = _error(401, text)
+        resp.headers["WWW-Authenticate"] = f'Bearer realm="passguard", error="{error}"'
+        return resp
+    request[REQUESTER] = f"token:{name}" if name else (_peer_name(request) or ANONYMOUS)
+    result: web.StreamResponse = await handler(request)
+    return result
 
 
 @web.middleware
@@ -117,16 +165,108 @@ async def get_mesh(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def decide_and_record(request: web.Request, docs: list[Any], source: str,
+                            requester: str, dry_run: bool = False) -> dict[str, Any]:
+    """Decide, then write the audit entries *before* the answer leaves.
+
+    An enforce-mode decision that cannot be recorded becomes a refusal that
+    says why: a gate that decides unrecorded cannot be reviewed afterwards.
+    """
+    daemon = request.app[DAEMON]
+    body, decisions = service.check(docs, None, _snapshot(request), daemon.config.gate)
+    entries = [AuditEntry(source=source, requester=requester, mesh=d.mesh, mode=d.mode,
+                          verdict=d.verdict, reasons=d.reasons,
+                          documents=[{"kind": d.kind, "name": d.name, "digest": d.digest}],
+                          evidence=d.evidence, dry_run=dry_run, break_glass=d.break_glass)
+               for d in decisions]
+    if not entries:
+        entries = [AuditEntry(source=source, requester=requester, mesh=None,
+                              mode=body["mode"], verdict=body["verdict"],
+                              reasons=list(body["warnings"]), documents=[], dry_run=dry_run)]
+    try:
+        await asyncio.to_thread(daemon.audit.append, entries)
+    except Exception as exc:
+        daemon.metrics.audit_failures.inc()
+        log.error("audit log write failed: %s", exc)
+        problem = f"the audit log cannot be written ({exc})"
+        if any(d.mode == "enforce" for d in decisions) or (
+                not decisions and body["mode"] == "enforce"):
+            body["allowed"], body["verdict"] = False, "deny"
+            body["warnings"].append(f"{problem}: refused, since enforce mode must not decide "
+                                    "unrecorded")
+        else:
+            body["warnings"].append(f"{problem}: this decision is not recorded")
+    for d in decisions:
+        daemon.metrics.decisions.labels(d.mesh, d.verdict, d.mode).inc()
+    log.info("%s by %s: %s%s (%s)", source, requester, body["verdict"],
+             " [dry run]" if dry_run else "",
+             ", ".join(f"{d.kind} {d.name} in {d.mesh}: {d.verdict}" for d in decisions) or "-")
+    return body
+
+
 async def post_check(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     raw = await request.read()
     docs = load_documents(raw, request.content_type, daemon.config.limits.documents)
-    body, decisions = service.check(docs, None, _snapshot(request), daemon.config.gate)
-    for d in decisions:
-        daemon.metrics.decisions.labels(d.mesh, d.verdict, d.mode).inc()
-    log.info("check: %s (%s)", body["verdict"],
-             ", ".join(f"{d.kind} {d.name} in {d.mesh}: {d.verdict}" for d in decisions) or "-")
+    body = await decide_and_record(request, docs, "check", request[REQUESTER])
     return web.json_response(body)
+
+
+async def post_admission(request: web.Request) -> web.Response:
+    """The gate as a ValidatingAdmissionWebhook; 400 for a review it cannot read."""
+    daemon = request.app[DAEMON]
+    raw = await request.read()
+    [review] = load_documents(raw, "application/json", daemon.config.limits.documents)[:1] or [None]
+    req = admission.parse_review(review)
+    requester = req.username if request[REQUESTER] == ANONYMOUS else \
+        f"{req.username} via {request[REQUESTER]}"
+    try:
+        body = await decide_and_record(request, admission.documents(req), "admission",
+                                       requester, req.dry_run)
+    except InputError as exc:
+        # The object itself is unusable (not the envelope): refuse it with the
+        # reason, as a 200 AdmissionReview the API server shows to the user.
+        return web.json_response(admission.response(
+            req.uid, False, f"passguard cannot evaluate this object: {exc}", []))
+    message = "passguard: " + " | ".join(
+        f"{d['change']['kind']} {d['change']['name']} ({d['change']['effect']}): "
+        + "; ".join(d["reasons"])
+        for d in body["decisions"] if d["verdict"] == "deny") or body["verdict"]
+    if not body["allowed"] and not any(d["verdict"] == "deny" for d in body["decisions"]):
+        message = "passguard: " + "; ".join(body["warnings"])
+    return web.json_response(admission.response(req.uid, body["allowed"], message,
+                                                [f"passguard: {w}" for w in body["warnings"]]))
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    q = request.query
+    try:
+        since = _parse_time(q["since"]) if "since" in q else None
+        limit = int(q.get("limit", "100"))
+        before = int(q["cursor"]) if "cursor" in q else None
+    except ValueError as exc:
+        raise InputError(f"bad query parameter: {exc}") from None
+    if not 1 <= limit <= 1000:
+        raise InputError("limit must be between 1 and 1000")
+    if "verdict" in q and q["verdict"] not in ("allow", "warn", "deny"):
+        raise InputError("verdict must be allow, warn or deny")
+    entries, nxt = await asyncio.to_thread(daemon.audit.query, since, q.get("mesh"),
+                                           q.get("verdict"), limit, before)
+    return web.json_response({"entries": [e.to_json() for e in entries],
+                              "next": str(nxt) if nxt is not None else None})
+
+
+def _parse_time(value: str) -> float:
+    """RFC 3339 (``2026-11-29T10:00:00Z``), or a duration back from now (``1h``)."""
+    try:
+        return time.time() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ValueError(f"since={value!r} is neither RFC 3339 nor a duration like 1h") from None
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -162,7 +302,7 @@ async def index(request: web.Request) -> web.Response:
 
 
 def build_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware],
+    app = web.Application(middlewares=[errors_middleware, auth_middleware],
                           client_max_size=daemon.config.limits.max_body_bytes)
     app[DAEMON] = daemon
     app.router.add_get("/", index)
@@ -173,4 +313,6 @@ def build_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/v1/meshes", get_meshes)
     app.router.add_get("/v1/meshes/{mesh}", get_mesh)
     app.router.add_post("/v1/check", post_check)
+    app.router.add_post("/v1/admission", post_admission)
+    app.router.add_get("/v1/audit", get_audit)
     return app

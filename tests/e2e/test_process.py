@@ -228,3 +228,33 @@ def _no_proxy_env() -> Iterator[None]:
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.lower().endswith("_proxy")}
     yield
     os.environ.update(saved)
+
+
+async def test_audit_survives_sigkill_right_after_an_answer(
+        setup: tuple[Proc, EnvoyProcess, EnvoyProcess]) -> None:
+    p, _, _ = setup
+    answered = await asyncio.to_thread(p.cli, "check", "-f", "-", "--server", p.url,
+                                       stdin=MESH_OFF.format("busy"))
+    assert answered.returncode == 1
+    assert p.proc is not None
+    p.proc.kill()  # no chance to flush anything after the answer went out
+    p.proc.wait(10)
+    await asyncio.to_thread(p.start)
+    audit = await asyncio.to_thread(p.get, "/v1/audit?mesh=busy")
+    [entry] = audit["entries"]
+    assert entry["verdict"] == "deny" and entry["source"] == "check"
+    assert entry["documents"][0]["digest"].startswith("sha256:")
+    # And after a normal restart.
+    assert await asyncio.to_thread(p.stop) == 0
+    await asyncio.to_thread(p.start)
+    assert len((await asyncio.to_thread(p.get, "/v1/audit"))["entries"]) == 1
+
+
+def test_non_loopback_bind_without_auth_refuses_to_start(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"listen: 0.0.0.0:{free_port()}\nstate: {{path: s.db}}\n")
+    res = subprocess.run([sys.executable, "-m", "passguard", "run", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "is not a loopback address and no authentication is configured" in res.stderr
+    assert "auth.insecure" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,144 @@
+"""The audit log: every gate decision, written before the answer is sent.
+
+SQLite in WAL mode with ``synchronous=FULL``: once ``append`` returns, the
+entry survives a SIGKILL of the daemon and a power cut. It shares the state
+database file but has its own connection, so an audit write never waits for a
+scrape cycle's write to finish (WAL lets them proceed side by side).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    source TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    mesh TEXT,
+    mode TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    dry_run INTEGER NOT NULL,
+    break_glass TEXT,
+    reasons TEXT NOT NULL,
+    documents TEXT NOT NULL,
+    evidence TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
+"""
+
+
+@dataclass
+class AuditEntry:
+    source: str  # "check" | "admission"
+    requester: str
+    mesh: str | None
+    mode: str
+    verdict: str
+    reasons: list[str]
+    documents: list[dict[str, str]]
+    evidence: dict[str, Any] | None = None
+    dry_run: bool = False
+    break_glass: str | None = None
+    time: float = field(default_factory=time.time)
+    id: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.time))
+            + f".{int(self.time % 1 * 1000):03d}Z",
+            "source": self.source,
+            "requester": self.requester,
+            "mesh": self.mesh,
+            "mode": self.mode,
+            "verdict": self.verdict,
+            "dry_run": self.dry_run,
+            "break_glass": self.break_glass,
+            "reasons": self.reasons,
+            "documents": self.documents,
+            "evidence": self.evidence,
+        }
+
+
+class AuditLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=5.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def append(self, entries: Iterable[AuditEntry]) -> None:
+        """Write all entries in one transaction; raise if that is impossible."""
+        rows = [(e.time, e.source, e.requester, e.mesh, e.mode, e.verdict, int(e.dry_run),
+                 e.break_glass, json.dumps(e.reasons), json.dumps(e.documents),
+                 json.dumps(e.evidence) if e.evidence is not None else None)
+                for e in entries]
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for row, entry in zip(rows, entries, strict=True):
+                    cur = db.execute("INSERT INTO audit (time, source, requester, mesh, mode, "
+                                     "verdict, dry_run, break_glass, reasons, documents, evidence)"
+                                     " VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+                    entry.id = cur.lastrowid
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def query(self, since: float | None = None, mesh: str | None = None,
+              verdict: str | None = None, limit: int = 100,
+              before_id: int | None = None) -> tuple[list[AuditEntry], int | None]:
+        """Newest first; the id to pass as ``before_id`` for the next page, or None."""
+        where: list[str] = []
+        args: list[object] = []
+        if since is not None:
+            where.append("time >= ?")
+            args.append(since)
+        if mesh is not None:
+            where.append("mesh = ?")
+            args.append(mesh)
+        if verdict is not None:
+            where.append("verdict = ?")
+            args.append(verdict)
+        if before_id is not None:
+            where.append("id < ?")
+            args.append(before_id)
+        sql = "SELECT id, time, source, requester, mesh, mode, verdict, dry_run, break_glass, " \
+              "reasons, documents, evidence FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit + 1)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        entries = [AuditEntry(id=r[0], time=r[1], source=r[2], requester=r[3], mesh=r[4],
+                              mode=r[5], verdict=r[6], dry_run=bool(r[7]), break_glass=r[8],
+                              reasons=json.loads(r[9]), documents=json.loads(r[10]),
+                              evidence=json.loads(r[11]) if r[11] else None)
+                   for r in rows[:limit]]
+        nxt = entries[-1].id if len(rows) > limit and entries else None
+        return entries, nxt
+
+    def prune(self, before: float) -> int:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM audit WHERE time < ?", (before,))
+            return cur.rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
