@@ -1,0 +1,718 @@
+"""Source ``kuma``: dataplanes discovered from the Kuma control plane API.
+
+One discovery pass lists the meshes (``GET /meshes``), keeps those that match
+``meshes`` (shell-style patterns: ``["*"]``, ``["prod-*", "staging"]``), and
+lists each mesh's dataplanes with their insight
+(``GET /meshes/{mesh}/dataplanes/_overview``; Kuma versions without that path
+answer 404 there and are asked ``/meshes/{mesh}/dataplanes+insights``, the
+older path with the same ``DataplaneOverview`` items).  Every list is followed
+page by page (``offset``/``size``/``next``) to the end.
+
+Each dataplane becomes a ``Target``:
+
+* ``stats: inspect`` (default): ``url`` is the dataplane's inspect base,
+  ``{cp}/meshes/{mesh}/dataplanes/{name}``; ``+ "/stats"`` and ``+
+  "/clusters"`` are Kuma's inspect endpoints, which answer with the full,
+  unfiltered Envoy text.  They need the CP token: ``headers_for(target)``.
+* ``stats: kuma-dp``: ``url`` is ``http://{networking.address}:5670`` (port
+  and path from the dataplane's or the mesh's Prometheus metrics backend when
+  set) and the body is Prometheus text (``passguard.envoy.promtext``).  The CP
+  token is never sent there: it would leak to whatever answers on a
+  dataplane's address.
+
+What an operator relies on, and why it is built this way:
+
+* **A failed pass changes nothing.**  The CP being down, a 401, a slow
+  answer, a page that is not the expected shape: the last known dataplanes
+  are kept (per mesh: a mesh whose listing failed keeps its list while the
+  others are updated), and the problem is in ``last_error`` with
+  ``last_success`` telling how old the list is.  A dataplane that vanished
+  from a *successful* listing is dropped, and so is a mesh that is gone.
+  Dropping a target deletes its evidence downstream, so a listing that cannot
+  be trusted to be complete must never be taken as the truth: a ``next`` that
+  does not advance, an empty page that points further, or a ``total`` that
+  does not match the distinct items received (offset pagination skips or
+  repeats items when dataplanes come and go during the listing: the listing
+  is retried, then refused) are errors, not a shorter list.
+* **Offline** follows Kuma's own ``DataplaneInsight.IsOnline()``: online when
+  *any* subscription has a ``connectTime`` and no ``disconnectTime``; no
+  insight or no such subscription is offline.  "Any" is also the safe side:
+  a stale open subscription left by a dead CP instance makes a proxy look
+  online, so it is scraped and, if really gone, shows up as failed (unknown
+  to the gate) instead of being excused as offline.  Inbound health
+  (``inbound[].health.ready``, which kumactl folds into its STATUS column) is
+  ignored on purpose: an unhealthy application's proxy still forwards its
+  outbound passthrough traffic.
+* The token file is re-read at every pass (tokens rotate); the CA file is
+  re-read when it changes.
+* Every request is bounded in time and size, and the whole pass is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, Literal
+from urllib.parse import parse_qs, quote, urlsplit
+
+import aiohttp
+
+from passguard.errors import PassguardError
+from passguard.targets import Target
+
+log = logging.getLogger(__name__)
+
+StatsMode = Literal["inspect", "kuma-dp"]
+StatsFormat = Literal["envoy", "prometheus"]
+
+# kuma-dp's merged Prometheus endpoint (Mesh metrics backend defaults).
+DEFAULT_METRICS_PORT = 5670
+DEFAULT_METRICS_PATH = "/metrics"
+# Paths of the dataplane list with insights, newest first.
+OVERVIEW_PATHS = ("/dataplanes/_overview", "/dataplanes+insights")
+# Guards against a CP (or something in front of it) that paginates forever.
+MAX_PAGES = 10_000
+# A listing whose `total` disagrees with what the pages held is retried this
+# often before the pass gives up on that list.
+LIST_ATTEMPTS = 3
+# Meshes listed at once: enough to hide latency, few enough not to load the CP.
+MESH_CONCURRENCY = 8
+_CHUNK = 64 * 1024
+_SERVICE_TAGS = ("kuma.io/service", "service")  # "service" before Kuma 0.4
+
+
+class KumaApiError(PassguardError):
+    """The CP could not be asked, refused, or answered something unusable."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class KumaSourceConfig:
+    url: str  # CP API base, e.g. https://kuma-cp:5682 (may carry a path prefix)
+    token_file: str | None = None
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
+    meshes: tuple[str, ...] = ("*",)
+    discovery_interval: float = 30.0
+    stats: StatsMode = "inspect"
+    timeout: float = 10.0  # per CP request
+    page_size: int = 100  # Kuma's default; its maximum is 1000
+    max_response_bytes: int = 64 * 1024 * 1024  # per page
+    kind: Literal["kuma"] = "kuma"
+
+    def wants(self, mesh: str) -> bool:
+        return any(fnmatchcase(mesh, pattern) for pattern in self.meshes)
+
+
+def ssl_context(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLContext:
+    """The TLS client context for the CP: system roots, or ``ca_file`` alone
+    (Kuma's CP certificate is usually signed by a private CA), or no
+    verification at all when ``insecure_skip_verify`` says so on purpose.
+    Raises KumaApiError naming the file when ``ca_file`` cannot be used."""
+    if insecure_skip_verify:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except FileNotFoundError:
+        raise KumaApiError(f"ca_file {ca_file}: no such file") from None
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise KumaApiError(f"ca_file {ca_file}: not a usable PEM CA bundle ({exc})") from None
+
+
+# --------------------------------------------------------------------------- wire format
+
+
+@dataclass(frozen=True, slots=True)
+class MeshInfo:
+    name: str
+    # The mesh's enabled Prometheus backend, for `stats: kuma-dp`.
+    metrics_port: int | None = None
+    metrics_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DataplaneInfo:
+    """What passguard keeps of one ``DataplaneOverview`` (or ``Dataplane``) item."""
+
+    mesh: str
+    name: str
+    address: str | None
+    # `kuma.io/service` (or the pre-0.4 `service`) of each inbound, or of the
+    # gateway, in order and without repeats; `service` is the first.
+    services: tuple[str, ...]
+    # Inbound/gateway tags (first value wins when inbounds disagree), then the
+    # resource labels (`kuma.io/zone`, `k8s.kuma.io/namespace`, …) for keys
+    # not already tagged: targetRef `Dataplane` + labels selects on labels,
+    # `MeshSubset` on tags, and both look here.
+    tags: Mapping[str, str]
+    # None: the item carried no insight at all (a plain `Dataplane` list).
+    online: bool | None
+    gateway: bool = False
+    metrics_port: int | None = None
+    metrics_path: str | None = None
+
+    @property
+    def service(self) -> str:
+        return self.services[0] if self.services else ""
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    items: list[Any]
+    total: int | None
+    next: str | None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise KumaApiError(f"{where} must be an object, got {_kind(value)}")
+    return value
+
+
+def _opt_obj(parent: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
+    value = parent.get(key)
+    return None if value is None else _obj(value, f"{where}.{key}")
+
+
+def _opt_list(parent: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = parent.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise KumaApiError(f"{where}.{key} must be a list, got {_kind(value)}")
+    return value
+
+
+def _opt_str(parent: dict[str, Any], key: str, where: str) -> str | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise KumaApiError(f"{where}.{key} must be a string, got {_kind(value)}")
+    return value
+
+
+def _req_str(parent: dict[str, Any], key: str, where: str) -> str:
+    value = _opt_str(parent, key, where)
+    if not value:
+        raise KumaApiError(f"{where}.{key} is missing or empty")
+    return value
+
+
+def _opt_port(parent: dict[str, Any], key: str, where: str) -> int | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise KumaApiError(f"{where}.{key} must be a port number, got {value!r}")
+    return value
+
+
+def _str_map(parent: dict[str, Any], key: str, where: str) -> dict[str, str]:
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise KumaApiError(f"{where}.{key} must be a mapping of strings, got {_kind(value)}"
+                           if not isinstance(value, dict) else
+                           f"{where}.{key} must map strings to strings")
+    return value
+
+
+def parse_list_page(body: Any, where: str) -> ListPage:
+    """``{"items": [...], "total": N, "next": url|null}``."""
+    doc = _obj(body, where)
+    if "items" not in doc:
+        raise KumaApiError(f"{where}: the answer has no items (not a Kuma list)")
+    items = _opt_list(doc, "items", where)
+    total = doc.get("total")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int | float)
+                              or total < 0 or total != int(total)):
+        raise KumaApiError(f"{where}.total must be a whole number, got {total!r}")
+    return ListPage(items, None if total is None else int(total), _opt_str(doc, "next", where))
+
+
+def parse_mesh_item(item: Any, where: str) -> MeshInfo:
+    doc = _obj(item, where)
+    name = _req_str(doc, "name", where)
+    port = path = None
+    metrics = _opt_obj(doc, "metrics", where)
+    if metrics is not None:
+        # Kuma's `Mesh.metrics`: the enabled backend, if it is Prometheus.
+        enabled = _opt_str(metrics, "enabledBackend", f"{where}.metrics")
+        for i, backend in enumerate(_opt_list(metrics, "backends", f"{where}.metrics")):
+            bwhere = f"{where}.metrics.backends[{i}]"
+            b = _obj(backend, bwhere)
+            if enabled and b.get("name") == enabled and b.get("type", "prometheus") == "prometheus":
+                conf = _opt_obj(b, "conf", bwhere) or {}
+                port = _opt_port(conf, "port", f"{bwhere}.conf")
+                path = _opt_str(conf, "path", f"{bwhere}.conf")
+    return MeshInfo(name, port, path)
+
+
+def is_online(insight: Any, where: str) -> bool:
+    """Kuma's ``DataplaneInsight.IsOnline()``: any subscription connected and not
+    disconnected.  Times are RFC 3339 strings in the API (objects in the
+    OpenAPI schema): only their presence matters."""
+    if insight is None:
+        return False
+    doc = _obj(insight, where)
+    for i, sub in enumerate(_opt_list(doc, "subscriptions", where)):
+        s = _obj(sub, f"{where}.subscriptions[{i}]")
+        if s.get("connectTime") and not s.get("disconnectTime"):
+            return True
+    return False
+
+
+def parse_dataplane_item(item: Any, where: str, mesh: str | None = None) -> DataplaneInfo:
+    """A ``DataplaneOverview`` item (``_overview`` / ``+insights``), or a plain
+    ``Dataplane`` item (``GET /meshes/{mesh}/dataplanes``, no insight: online
+    unknown).  Raises KumaApiError naming the first field that is wrong."""
+    doc = _obj(item, where)
+    name = _req_str(doc, "name", where)
+    item_mesh = _opt_str(doc, "mesh", where)
+    if mesh is not None and item_mesh is not None and item_mesh != mesh:
+        raise KumaApiError(f"{where}.mesh is {item_mesh!r} in a listing of mesh {mesh!r}")
+    mesh_name = item_mesh or mesh
+    if not mesh_name:
+        raise KumaApiError(f"{where}.mesh is missing or empty")
+
+    overview = "dataplane" in doc
+    if overview:
+        spec_where = f"{where}.dataplane"
+        spec = _obj(doc["dataplane"], spec_where)
+        online: bool | None = is_online(doc.get("dataplaneInsight"), f"{where}.dataplaneInsight")
+    else:
+        spec_where, spec, online = where, doc, None
+    net_where = f"{spec_where}.networking"
+    net = _opt_obj(spec, "networking", spec_where) or {}
+    address = _opt_str(net, "address", net_where) or None
+
+    services: list[str] = []
+    tags: dict[str, str] = {}
+    tag_sets: list[tuple[dict[str, str], str]] = []
+    for i, inbound in enumerate(_opt_list(net, "inbound", net_where)):
+        iwhere = f"{net_where}.inbound[{i}]"
+        tag_sets.append((_str_map(_obj(inbound, iwhere), "tags", iwhere), iwhere))
+    gateway = _opt_obj(net, "gateway", net_where)
+    if gateway is not None:
+        gwhere = f"{net_where}.gateway"
+        tag_sets.append((_str_map(gateway, "tags", gwhere), gwhere))
+    for tagset, _ in tag_sets:
+        for key in _SERVICE_TAGS:
+            svc = tagset.get(key)
+            if svc:
+                if svc not in services:
+                    services.append(svc)
+                break
+        for k, v in tagset.items():
+            tags.setdefault(k, v)
+    for k, v in _str_map(doc, "labels", where).items():
+        tags.setdefault(k, v)
+
+    port = path = None
+    metrics = _opt_obj(spec, "metrics", spec_where)
+    if metrics is not None:
+        conf = _opt_obj(metrics, "conf", f"{spec_where}.metrics") or {}
+        port = _opt_port(conf, "port", f"{spec_where}.metrics.conf")
+        path = _opt_str(conf, "path", f"{spec_where}.metrics.conf")
+    return DataplaneInfo(mesh=mesh_name, name=name, address=address, services=tuple(services),
+                         tags=tags, online=online, gateway=gateway is not None,
+                         metrics_port=port, metrics_path=path)
+
+
+# --------------------------------------------------------------------------- the source
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """How to read one target's stats: ``GET base + path`` with ``headers``."""
+
+    base: str
+    path: str
+    headers: Mapping[str, str]
+    format: StatsFormat  # "envoy": StatsParser; "prometheus": PromStatsParser
+    # Envoy `/clusters` (destinations) through the same base; None when the
+    # mode has no such endpoint (kuma-dp serves metrics only).
+    clusters_path: str | None
+
+
+@dataclass
+class _State:
+    meshes: dict[str, MeshInfo] = field(default_factory=dict)
+    dataplanes: dict[str, list[DataplaneInfo]] = field(default_factory=dict)
+
+
+class KumaSource:
+    """Discovery from one Kuma CP.  ``discover()`` is one pass (never raises on
+    CP problems); ``targets()`` is the last known list, cheap and synchronous."""
+
+    def __init__(self, cfg: KumaSourceConfig) -> None:
+        self.cfg = cfg
+        self.base = cfg.url.rstrip("/")
+        self.last_error: str | None = None
+        self.last_success: float | None = None  # wall time of the last complete pass
+        self.last_attempt: float | None = None
+        self.consecutive_failures = 0
+        # Per-mesh listing problems of the last pass (mesh name → message).
+        self.mesh_errors: dict[str, str] = {}
+        self.overview_path: str | None = None  # which OVERVIEW_PATHS entry this CP serves
+        self._state = _State()
+        self._targets: list[Target] = []
+        self._paths: dict[str, str] = {}
+        self._token: str | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._ssl_stamp: tuple[float, int] | None = None
+        self._lock = asyncio.Lock()
+
+    # -- what the rest of passguard reads ----------------------------------
+
+    def targets(self) -> list[Target]:
+        return list(self._targets)
+
+    def dataplanes(self) -> list[DataplaneInfo]:
+        return [dp for mesh in sorted(self._state.dataplanes)
+                for dp in self._state.dataplanes[mesh]]
+
+    def meshes(self) -> list[str]:
+        """Meshes of the last known list (those matching ``meshes``)."""
+        return sorted(self._state.dataplanes)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers for the CP (inspect endpoints), with the last token read."""
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    def headers_for(self, target: Target) -> dict[str, str]:
+        # Only the CP gets the token; kuma-dp endpoints live on dataplane
+        # addresses, where anything listening would receive it.
+        return self.headers if self.cfg.stats == "inspect" else {}
+
+    def request_for(self, target: Target) -> StatsRequest:
+        if self.cfg.stats == "inspect":
+            return StatsRequest(target.url, "/stats", self.headers, "envoy", "/clusters")
+        return StatsRequest(target.url, self._paths.get(target.key, DEFAULT_METRICS_PATH), {},
+                            "prometheus", None)
+
+    def inherit(self, old: KumaSource) -> None:
+        """Start from another source's last known dataplanes (a config reload):
+        targets must not vanish, and their evidence with them, while the new
+        source has not finished its first pass.  Only from the same CP."""
+        if old.base != self.base:
+            return
+        self._state = _State(dict(old._state.meshes),
+                             {m: dps for m, dps in old._state.dataplanes.items()
+                              if self.cfg.wants(m)})
+        self._token = old._token
+        self.last_success, self.last_error = old.last_success, old.last_error
+        self.overview_path = old.overview_path
+        self._rebuild()
+
+    async def run(self) -> None:
+        """Discover every ``discovery_interval`` until cancelled."""
+        while True:
+            await self.discover()
+            await asyncio.sleep(self.cfg.discovery_interval)
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # -- one pass ------------------------------------------------------------
+
+    async def discover(self) -> None:
+        async with self._lock:
+            self.last_attempt = time.time()
+            self.mesh_errors = {}
+            # The whole pass gets at most one interval (and never less than
+            # one request's timeout): a slow CP cannot pile passes up.
+            bound = max(self.cfg.discovery_interval, self.cfg.timeout)
+            try:
+                async with asyncio.timeout(bound):
+                    errors = await self._discover()
+            except KumaApiError as exc:
+                errors = [str(exc)]
+            except TimeoutError:
+                errors = [f"discovery did not finish within {bound:g}s"]
+            except Exception as exc:  # a bug must not stop discovery for good
+                log.exception("Kuma discovery from %s failed unexpectedly", self.base)
+                errors = [f"internal error: {type(exc).__name__}: {exc}"]
+            self._finish(errors)
+
+    def _finish(self, errors: list[str]) -> None:
+        if errors:
+            self.consecutive_failures += 1
+            message = "; ".join(errors)
+            if message != self.last_error:
+                log.warning("Kuma CP %s: %s (keeping the last known dataplanes)",
+                            self.base, message)
+            self.last_error = message
+            return
+        if self.last_error is not None:
+            log.info("Kuma CP %s: discovery works again", self.base)
+        self.consecutive_failures = 0
+        self.last_error = None
+        self.last_success = time.time()
+
+    async def _discover(self) -> list[str]:
+        self._token = self._read_token() if self.cfg.token_file else None
+        self._refresh_ssl()
+        meshes = [parse_mesh_item(it, f"GET /meshes: items[{i}]")
+                  for i, it in enumerate(await self._list_all("/meshes"))]
+        wanted = [m for m in meshes if self.cfg.wants(m.name)]
+        gate = asyncio.Semaphore(MESH_CONCURRENCY)
+
+        async def one(mesh: MeshInfo) -> list[DataplaneInfo] | str:
+            async with gate:
+                try:
+                    return await self._mesh_dataplanes(mesh.name)
+                except KumaApiError as exc:
+                    return str(exc)
+
+        results = await asyncio.gather(*(one(m) for m in wanted))
+        errors: list[str] = []
+        old = self._state.dataplanes
+        new = _State()
+        for mesh, result in zip(wanted, results, strict=True):
+            new.meshes[mesh.name] = mesh
+            if isinstance(result, str):
+                errors.append(result)
+                self.mesh_errors[mesh.name] = result
+                if mesh.name in old:
+                    new.dataplanes[mesh.name] = old[mesh.name]
+            else:
+                new.dataplanes[mesh.name] = result
+        # Meshes gone from the CP, or no longer wanted, are dropped with their dataplanes.
+        self._state = new
+        self._rebuild()
+        return errors
+
+    async def _mesh_dataplanes(self, mesh: str) -> list[DataplaneInfo]:
+        prefix = f"/meshes/{quote(mesh, safe='')}"
+        paths = [self.overview_path] if self.overview_path else list(OVERVIEW_PATHS)
+        for n, suffix in enumerate(paths):
+            path = prefix + suffix
+            try:
+                items = await self._list_all(path)
+            except KumaApiError as exc:
+                # A Kuma without `_overview` reads it as a dataplane named
+                # "_overview" and answers 404: ask the older path.
+                if exc.status == 404 and n + 1 < len(paths):
+                    continue
+                raise
+            self.overview_path = suffix
+            dps = [parse_dataplane_item(it, f"GET {path}: items[{i}]", mesh)
+                   for i, it in enumerate(items)]
+            if self.cfg.stats == "kuma-dp":
+                for i, dp in enumerate(dps):
+                    if dp.address is None:
+                        raise KumaApiError(f"GET {path}: items[{i}].dataplane.networking.address "
+                                           f"is missing: stats: kuma-dp needs it to reach "
+                                           f"{dp.name}'s metrics endpoint")
+            return dps
+        raise AssertionError("unreachable: the last path raises")
+
+    # -- HTTP --------------------------------------------------------------------
+
+    def _read_token(self) -> str:
+        path = self.cfg.token_file
+        assert path is not None
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read(64 * 1024).strip()
+        except OSError as exc:
+            raise KumaApiError(f"cannot read token_file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise KumaApiError(f"token_file {path} is not text") from None
+        if not token:
+            raise KumaApiError(f"token_file {path} is empty")
+        return token
+
+    def _refresh_ssl(self) -> None:
+        if not self.base.startswith("https:"):
+            return
+        stamp: tuple[float, int] | None = None
+        if self.cfg.ca_file and not self.cfg.insecure_skip_verify:
+            try:
+                st = os.stat(self.cfg.ca_file)
+                stamp = (st.st_mtime, st.st_size)
+            except OSError as exc:
+                raise KumaApiError(f"cannot read ca_file {self.cfg.ca_file}: "
+                                   f"{exc.strerror or exc}") from None
+        if self._ssl is None or stamp != self._ssl_stamp:
+            self._ssl = ssl_context(self.cfg.ca_file, self.cfg.insecure_skip_verify)
+            self._ssl_stamp = stamp
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # trust_env=False: an HTTP(S)_PROXY meant for the internet must not
+            # receive the CP token.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MESH_CONCURRENCY * 2), trust_env=False)
+        return self._session
+
+    async def _get_json(self, path: str, params: Mapping[str, str]) -> Any:
+        headers = {"Accept": "application/json", **self.headers}
+        what = f"GET {path}"
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                async with self._http().get(
+                        self.base + path, params=params, headers=headers,
+                        ssl=self._ssl if self._ssl is not None else True,
+                        allow_redirects=False) as resp:
+                    body = await _read_limited(resp, self.cfg.max_response_bytes, what)
+                    if resp.status != 200:
+                        raise KumaApiError(_http_problem(what, resp.status, body,
+                                                         self.cfg.token_file), resp.status)
+        except TimeoutError:
+            raise KumaApiError(f"{what}: no complete answer from the Kuma CP within "
+                               f"{self.cfg.timeout:g}s") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise KumaApiError(f"{what}: the CP's TLS certificate is not trusted "
+                               f"({exc.certificate_error}); set ca_file to the CA that "
+                               "signed it") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise KumaApiError(f"{what}: cannot connect to the Kuma CP at {self.base}: "
+                               f"{exc.os_error.strerror or exc.os_error}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise KumaApiError(f"{what}: {type(exc).__name__}: {exc}") from None
+        try:
+            return json.loads(body)
+        except ValueError:
+            head = body[:80].decode("utf-8", "replace").strip()
+            raise KumaApiError(f"{what}: the answer is not JSON (starts {head!r})") from None
+
+    async def _list_all(self, path: str) -> list[Any]:
+        """Every item of a paginated list.  Raises KumaApiError when the pages do
+        not add up (see the module docstring: an incomplete list is never
+        taken for a complete one)."""
+        problem = ""
+        for _ in range(LIST_ATTEMPTS):
+            items, total = await self._list_once(path)
+            distinct = len({_identity(it) for it in items})
+            if total is None or (distinct == total == len(items)):
+                return items
+            problem = (f"GET {path}: the CP reported total {total} but its pages held "
+                       f"{len(items)} items ({distinct} distinct); the list changed during "
+                       f"pagination or the CP miscounts")
+        raise KumaApiError(problem)
+
+    async def _list_once(self, path: str) -> tuple[list[Any], int | None]:
+        size = self.cfg.page_size
+        offset = 0
+        items: list[Any] = []
+        total: int | None = None
+        for _ in range(MAX_PAGES):
+            where = f"GET {path}?offset={offset}&size={size}"
+            page = parse_list_page(
+                await self._get_json(path, {"offset": str(offset), "size": str(size)}), where)
+            items.extend(page.items)
+            total = page.total
+            if page.next is None:
+                return items, total
+            if not page.items:
+                raise KumaApiError(f"{where}: an empty page whose next ({page.next!r}) "
+                                   f"points further")
+            # Only the offset is taken from `next`: Kuma builds it from the
+            # Host it was asked under, which need not be this URL, and the
+            # token must only go to the configured CP.
+            nxt = _next_offset(page.next, where)
+            if nxt <= offset:
+                raise KumaApiError(f"{where}: pagination does not advance (next "
+                                   f"{page.next!r} points back to offset {nxt})")
+            offset = nxt
+        raise KumaApiError(f"GET {path}: more than {MAX_PAGES} pages; giving up")
+
+    def _rebuild(self) -> None:
+        targets: list[Target] = []
+        paths: dict[str, str] = {}
+        for dp in self.dataplanes():
+            if self.cfg.stats == "inspect":
+                url = (f"{self.base}/meshes/{quote(dp.mesh, safe='')}"
+                       f"/dataplanes/{quote(dp.name, safe='')}")
+            else:
+                mesh = self._state.meshes.get(dp.mesh, MeshInfo(dp.mesh))
+                host = dp.address or ""
+                if ":" in host:
+                    host = f"[{host}]"
+                port = dp.metrics_port or mesh.metrics_port or DEFAULT_METRICS_PORT
+                url = f"http://{host}:{port}"
+                path = dp.metrics_path or mesh.metrics_path or DEFAULT_METRICS_PATH
+                paths[f"{dp.mesh}/{dp.name}"] = path if path.startswith("/") else "/" + path
+            targets.append(Target(url=url, mesh=dp.mesh, dataplane=dp.name, service=dp.service,
+                                  tags=dp.tags, offline=dp.online is False))
+        self._targets, self._paths = targets, paths
+
+
+def _identity(item: Any) -> Any:
+    # An item without a usable name counts as distinct: the item parser, not
+    # the page count, is what reports it (naming the field).
+    if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]:
+        return (item.get("mesh"), item["name"])
+    return id(item)
+
+
+def _next_offset(next_url: str, where: str) -> int:
+    values = parse_qs(urlsplit(next_url).query).get("offset")
+    if not values:
+        raise KumaApiError(f"{where}: next {next_url!r} carries no offset")
+    try:
+        return int(values[-1])
+    except ValueError:
+        raise KumaApiError(f"{where}: next {next_url!r} has a non-numeric offset") from None
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise KumaApiError(f"{what}: the CP announced {resp.content_length} bytes, over the "
+                           f"{limit}-byte limit")
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        buf += chunk
+        if len(buf) > limit:
+            raise KumaApiError(f"{what}: the CP sent more than {limit} bytes")
+    return bytes(buf)
+
+
+def _http_problem(what: str, status: int, body: bytes, token_file: str | None) -> str:
+    detail = ""
+    with contextlib.suppress(ValueError, AttributeError):
+        doc = json.loads(body)
+        # Kuma's error shapes: {"title", "detail"} (2.x), {"title", "details"} (1.x).
+        parts = [doc.get(k) for k in ("title", "detail", "details")]
+        detail = ": ".join(str(p) for p in parts if isinstance(p, str) and p)
+    if not detail:
+        detail = body[:120].decode("utf-8", "replace").strip()
+    if status == 401:
+        hint = (f"the CP refused the token from {token_file}" if token_file
+                else "the CP wants a token: set token_file")
+        return f"{what}: HTTP 401 Unauthorized ({hint}){': ' + detail if detail else ''}"
+    if status == 403:
+        return (f"{what}: HTTP 403 Forbidden (the token lacks access to this resource)"
+                f"{': ' + detail if detail else ''}")
+    return f"{what}: HTTP {status} from the Kuma CP{': ' + detail if detail else ''}"
+
