@@ -27,10 +27,9 @@ from passguard.errors import ConfigError
 from passguard.metrics import Metrics
 from passguard.scraper import Scraper
 from passguard.sdnotify import Notifier
-from passguard.sources.static import StaticSource
+from passguard.sources.sourceset import SourceSet
 from passguard.store.persistence import StateDB
 from passguard.store.store import Store
-from passguard.targets import Target
 from passguard.web.auth import TokenStore
 from passguard.web.routes import build_app
 from passguard.web.tls import CertReloader
@@ -48,10 +47,11 @@ class Daemon:
         self.tokens = TokenStore(config.auth.tokens_file) if config.auth.tokens_file else None
         self.tls = CertReloader(config.auth.tls) if config.auth.tls else None
         self._background: list[asyncio.Task[None]] = []
+        self._reloads: set[asyncio.Future[str | None]] = set()
         self.store = Store(config.window, config.stale_after, self.db)
         self.scraper = Scraper(config)
-        self.sources = [StaticSource(s) for s in config.sources]
-        self.metrics = Metrics(lambda: self.store.snapshot)
+        self.sources = SourceSet(config.sources)
+        self.metrics = Metrics(lambda: self.store.snapshot, lambda: self.sources.sources)
         self.notifier = Notifier.from_env()
         self.scheduler: AsyncIOScheduler | None = None
         self.runner: web.AppRunner | None = None
@@ -62,23 +62,16 @@ class Daemon:
 
     # -- scraping -------------------------------------------------------------
 
-    def targets(self) -> list[Target]:
-        out: dict[str, Target] = {}
-        for src in self.sources:
-            for t in src.targets():
-                if t.key in out and out[t.key].url != t.url:
-                    log.warning("dataplane %s is listed twice (%s and %s); keeping the first",
-                                t.key, out[t.key].url, t.url)
-                    continue
-                out.setdefault(t.key, t)
-        return list(out.values())
+    def _refresh_targets(self) -> None:
+        self.store.set_targets(self.sources.targets(), drop_missing=self.sources.complete())
 
     async def cycle(self) -> None:
         """One scrape of every target; the snapshot is replaced when it is done."""
         async with self._cycle_lock:
             start = time.monotonic()
-            self.store.set_targets(self.targets())
-            results = await self.scraper.cycle(list(self.store.targets.values()))
+            self._refresh_targets()
+            results = await self.scraper.cycle(list(self.store.targets.values()),
+                                               self.sources.request_for)
             updates = self.store.record(results)
             now = time.time()
             try:
@@ -101,6 +94,25 @@ class Daemon:
             self.notifier.ready()
             log.info("ready")
 
+    async def destinations_cycle(self) -> None:
+        """Read every target's ``/clusters``: the inventory of external destinations."""
+        targets = [t for t in self.store.targets.values() if not t.offline]
+        reads = await asyncio.gather(*(self.scraper.read_clusters(t, self.sources.request_for(t))
+                                       for t in targets))
+        ok = [(t, at, dests) for t, at, dests, _ in reads if dests is not None]
+        for t, _, _, err in reads:
+            if err is not None:
+                log.debug("destinations of %s: %s", t.key, err)
+        changed = self.store.record_destinations(ok)
+        now = time.time()
+        try:
+            await self.store.persist_destinations(changed, now)
+        except Exception as exc:
+            self.metrics.persist_failures.inc()
+            log.error("could not write destinations to %s: %s", self.config.state_path, exc)
+        self.store.snapshot = replace(self.store.snapshot,
+                                      destinations=self.store.book.views(now - self.config.window))
+
     def _schedule(self) -> None:
         assert self.scheduler is not None
         self.scheduler.add_job(
@@ -111,6 +123,10 @@ class Daemon:
             misfire_grace_time=max(1, int(self.config.scrape.interval)),
             next_run_time=_now_for_scheduler(),
         )
+        self.scheduler.add_job(
+            self.destinations_cycle, "interval", seconds=self.config.destinations.interval,
+            id="destinations", replace_existing=True, max_instances=1, coalesce=True,
+            misfire_grace_time=max(1, int(self.config.destinations.interval)))
 
     # -- reload -----------------------------------------------------------------
 
@@ -154,23 +170,36 @@ class Daemon:
             if (new.scrape, new.passthrough_clusters) != (old.scrape, old.passthrough_clusters):
                 await self.scraper.close()
                 self.scraper = Scraper(new)
-            self.sources = [StaticSource(s) for s in new.sources]
+            old_sources = self.sources
+            self.sources = SourceSet(new.sources)
+            self.sources.inherit(old_sources)
             self.store.window = new.window
             self.store.stale_after = new.stale_after
             self.config = new
+            # Readers see the new window and targets at once, not a cycle later
+            # (READY=1 follows this, so it must describe the new config).
+            self._refresh_targets()
+            self.store.build_snapshot(time.time())
             if self.runner is not None:
                 for app in (self.runner.app,):
                     app._client_max_size = new.limits.max_body_bytes
-        if self.scheduler is not None and new.scrape.interval != old.scrape.interval:
+        await old_sources.close()
+        if self.scheduler is not None:
+            self.sources.start()
+        if self.scheduler is not None and (new.scrape.interval, new.destinations.interval) != (
+                old.scrape.interval, old.destinations.interval):
             self._schedule()
 
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self, schedule: bool = True) -> None:
         """Restore, listen, and (unless a test drives cycles itself) start scraping."""
+        # Discover first: the restored evidence of CP-discovered dataplanes
+        # must find its targets (each pass is bounded by its own timeout).
+        await self.sources.discover()
         restored = await asyncio.to_thread(self.store.restore)
         if restored:
-            self.store.set_targets(self.targets())
+            self._refresh_targets()
             self.store.build_snapshot(time.time())
             log.info("restored evidence of %d dataplanes from %s", restored,
                      self.config.state_path)
@@ -191,6 +220,7 @@ class Daemon:
             self._background.append(asyncio.create_task(self.tls.run(self.stopping)))
         self._background.append(asyncio.create_task(self._audit_retention()))
         if schedule:
+            self.sources.start()
             self.scheduler = AsyncIOScheduler()
             self._schedule()
             self.scheduler.start()
@@ -221,6 +251,7 @@ class Daemon:
         # Let a cycle in flight finish its database write: nothing half-recorded.
         async with self._cycle_lock:
             await self.scraper.close()
+        await self.sources.close()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -237,11 +268,17 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)
 
+    def _reload_in_background(self) -> None:
+        # Keep a reference: a task nobody holds may be collected mid-run.
+        task = asyncio.ensure_future(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         await self.start()
         dog = asyncio.create_task(self.watchdog())
         try:

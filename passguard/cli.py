@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
@@ -140,21 +141,32 @@ def _pair_old(docs: list[Any], old_docs: list[Any]) -> list[Any]:
 
 def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> dict[str, Any]:
     from passguard.scraper import Scraper
-    from passguard.sources.static import StaticSource
+    from passguard.sources.sourceset import SourceSet
     from passguard.store.store import Store
 
     cfg = config_mod.load(cfg_path)
 
     async def once() -> dict[str, Any]:
+        # The daemon's sources, without its server, scheduler or database:
+        # one discovery, one scrape, one /clusters read.
+        sources = SourceSet(cfg.sources)
         scraper = Scraper(cfg)
         try:
+            await sources.discover()
+            for s in sources.kuma:
+                if s.last_error:
+                    raise CliError(f"control plane {s.cfg.url}: {s.last_error}")
             store = Store(cfg.window, cfg.stale_after, since_start=True)
-            targets = [t for s in cfg.sources for t in StaticSource(s).targets()]
-            store.set_targets(targets)
-            store.record(await scraper.cycle(list(store.targets.values())))
+            store.set_targets(sources.targets())
+            targets_now = list(store.targets.values())
+            store.record(await scraper.cycle(targets_now, sources.request_for))
+            reads = await asyncio.gather(*(scraper.read_clusters(t, sources.request_for(t))
+                                           for t in targets_now))
+            store.record_destinations([(t, at, d) for t, at, d, _ in reads if d is not None])
             snap = store.build_snapshot(time.time())
         finally:
             await scraper.close()
+            await sources.close()
         body, _ = service.check(docs, old_docs, snap, cfg.gate)
         return body
 
@@ -226,6 +238,66 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- destinations ---------------------------------------------------------------------
+
+def policies(dests: list[dict[str, Any]], per_service: bool, kubernetes: bool,
+             namespace: str) -> list[dict[str, Any]]:
+    """MeshPassthrough ``Matched`` policies that keep every observed destination reachable."""
+    groups: dict[tuple[str, str], set[tuple[str, int]]] = {}
+    for d in dests:
+        host, port = d["address"].rsplit(":", 1)
+        key = (d["mesh"], d["service"] if per_service else "")
+        groups.setdefault(key, set()).add((host.strip("[]"), int(port)))
+    out = []
+    for (mesh, svc), addrs in sorted(groups.items()):
+        name = "passguard-observed" + (f"-{_dns_label(svc)}" if svc else "")
+        target: dict[str, Any] = {"kind": "Mesh"}
+        if svc:
+            target = {"kind": "MeshSubset", "tags": {"kuma.io/service": svc}}
+        spec = {"targetRef": target, "default": {
+            "passthroughMode": "Matched",
+            "appendMatch": [{"type": "IP", "value": ip, "port": port, "protocol": "tcp"}
+                            for ip, port in sorted(addrs)]}}
+        if kubernetes:
+            out.append({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
+                        "metadata": {"name": name, "namespace": namespace,
+                                     "labels": {"kuma.io/mesh": mesh}}, "spec": spec})
+        else:
+            out.append({"type": "MeshPassthrough", "name": name, "mesh": mesh, "spec": spec})
+    return out
+
+
+def _dns_label(text: str) -> str:
+    label = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+    return label[:40] or "service"
+
+
+def cmd_destinations(args: argparse.Namespace) -> int:
+    path = "/v1/destinations" + (f"?mesh={urllib.parse.quote(args.mesh)}" if args.mesh else "")
+    _, body = http("GET", _server(args) + path)
+    dests = body.get("destinations", [])
+    if args.output == "json":
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif args.output == "yaml":
+        import yaml
+
+        docs = policies(dests, args.per_service, args.kubernetes, args.namespace)
+        sys.stdout.write("# MeshPassthrough policies (passthroughMode: Matched) allowing every "
+                         "destination passguard observed.\n# Check them before applying: a "
+                         "destination not yet observed is not in here.\n")
+        sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False) if docs else "")
+    else:
+        rows = [[d["mesh"], d["dataplane"], d["service"], d["address"], str(d["connections"]),
+                 d["last_seen"] or "-"] for d in dests]
+        if not rows:
+            sys.stdout.write("no destinations observed\n")
+        else:
+            sys.stdout.write(table(rows, ["MESH", "DATAPLANE", "SERVICE", "DESTINATION",
+                                          "CONNECTIONS", "LAST SEEN"]) + "\n")
+    return EXIT_OK
+
+
 # -- config / token / run ------------------------------------------------------------
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -235,9 +307,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         for e in exc.errors:
             sys.stderr.write(f"{args.config}: {e}\n")
         return EXIT_ERROR
-    n = sum(len(s.targets) for s in cfg.sources)
-    sys.stdout.write(f"{args.config}: valid ({len(cfg.sources)} source(s), {n} inline target(s), "
-                     f"gate mode {cfg.gate.mode})\n")
+    n = sum(len(s.targets) for s in cfg.sources if isinstance(s, config_mod.EnvoySource))
+    cps = sum(1 for s in cfg.sources if not isinstance(s, config_mod.EnvoySource))
+    sys.stdout.write(f"{args.config}: valid ({len(cfg.sources)} source(s): {n} inline "
+                     f"target(s), {cps} control plane(s); gate mode {cfg.gate.mode})\n")
     return EXIT_OK
 
 
@@ -280,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--server")
     status.add_argument("-o", "--output", choices=["text", "json"], default="text")
     status.set_defaults(func=cmd_status)
+
+    dst = sub.add_parser("destinations", help="external destinations seen via passthrough")
+    dst.add_argument("--server")
+    dst.add_argument("--mesh")
+    dst.add_argument("-o", "--output", choices=["text", "json", "yaml"], default="text")
+    dst.add_argument("--per-service", action="store_true",
+                     help="yaml: one policy per service (MeshSubset kuma.io/service)")
+    dst.add_argument("--kubernetes", action="store_true", help="yaml: Kubernetes form")
+    dst.add_argument("--namespace", default="kuma-system", help="yaml: namespace (Kubernetes)")
+    dst.set_defaults(func=cmd_destinations)
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)

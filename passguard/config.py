@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN
 from passguard.errors import ConfigError, InputError
 from passguard.gate.loader import Limits, load_documents
+from passguard.sources.kuma import KumaSourceConfig
 
 Mode = Literal["enforce", "warn", "audit"]
 Fallback = Literal["deny", "warn", "allow"]
@@ -104,7 +105,7 @@ class EnvoySource:
     kind: Literal["envoy"] = "envoy"
 
 
-Source = EnvoySource
+Source = EnvoySource | KumaSourceConfig
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,13 @@ class GateConfig:
 class LimitsConfig:
     max_body_bytes: int = 1024 * 1024
     documents: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class DestinationsConfig:
+    # Envoy drops an idle ORIGINAL_DST host after ~5 s, so a shorter interval
+    # sees more short-lived destinations (each read is one /clusters request).
+    interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    destinations: DestinationsConfig = field(default_factory=DestinationsConfig)
     # Where the file was read from: relative paths in it are resolved
     # against its folder, so `passguard run -c /etc/passguard/x.yaml`
     # does not depend on the working directory systemd happens to use.
@@ -362,7 +371,7 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
     errors = _Errors()
     r = _Reader(errors)
     top = r.mapping(raw, "", {"listen", "scrape", "window", "state", "passthrough", "sources",
-                              "gate", "limits", "auth", "audit"})
+                              "gate", "limits", "auth", "audit", "destinations"})
     if top is None:
         raise ConfigError(errors.items)
     defaults = Config()
@@ -432,8 +441,12 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
                     errors.add(spath, f"must be a mapping, got {_type_name(src)}")
                     continue
                 kind = src.get("kind")
+                if kind == "kuma":
+                    if (ks := _kuma_source(src, spath, base_dir, r)) is not None:
+                        sources.append(ks)
+                    continue
                 if kind != "envoy":
-                    errors.add(f"{spath}.kind", f"must be 'envoy', got {kind!r}")
+                    errors.add(f"{spath}.kind", f"must be 'envoy' or 'kuma', got {kind!r}")
                     continue
                 m = r.mapping(src, spath, {"kind", "targets", "target_files"})
                 if m is None:
@@ -499,11 +512,51 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             ret := r.duration(ad["retention"], "audit.retention", 3600.0)) is not None:
         audit = AuditConfig(retention=ret)
 
+    dests = defaults.destinations
+    dc = r.mapping(top.get("destinations"), "destinations", {"interval"})
+    if dc is not None and "interval" in dc and (
+            di := r.duration(dc["interval"], "destinations.interval", 1.0)) is not None:
+        dests = DestinationsConfig(interval=di)
+
     if errors.items:
         raise ConfigError(errors.items)
     return Config(listen=listen, scrape=scrape, window=window, state_path=state_path,
                   passthrough_clusters=clusters, sources=tuple(sources), gate=gate,
-                  limits=limits, auth=auth, audit=audit, base_dir=base_dir)
+                  limits=limits, auth=auth, audit=audit, destinations=dests,
+                  base_dir=base_dir)
+
+
+def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
+                 r: _Reader) -> KumaSourceConfig | None:
+    m = r.mapping(src, spath, {"kind", "url", "token_file", "ca_file", "insecure_skip_verify",
+                               "meshes", "discovery_interval", "stats", "timeout", "page_size"})
+    if m is None:
+        return None
+    before = len(r.errors.items)
+    url = r.string(m.get("url"), f"{spath}.url")
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            r.errors.add(f"{spath}.url", f"{url!r} must be http(s)://host[:port][/prefix] "
+                                         "(the Kuma API, e.g. https://kuma-control-plane:5682)")
+    token = _path(m["token_file"], f"{spath}.token_file", base_dir, r) \
+        if "token_file" in m else None
+    ca = _path(m["ca_file"], f"{spath}.ca_file", base_dir, r) if "ca_file" in m else None
+    insecure = r.boolean(m["insecure_skip_verify"], f"{spath}.insecure_skip_verify") \
+        if "insecure_skip_verify" in m else False
+    meshes = tuple(r.string_list(m["meshes"], f"{spath}.meshes")) if "meshes" in m else ("*",)
+    interval = r.duration(m["discovery_interval"], f"{spath}.discovery_interval", 1.0) \
+        if "discovery_interval" in m else 30.0
+    stats = r.choice(m.get("stats", "inspect"), f"{spath}.stats", ("inspect", "kuma-dp"))
+    timeout = r.duration(m["timeout"], f"{spath}.timeout", 0.1) if "timeout" in m else 10.0
+    page = r.integer(m["page_size"], f"{spath}.page_size", 1, 1000) if "page_size" in m else 100
+    if len(r.errors.items) != before or url is None:
+        return None
+    return KumaSourceConfig(url=url.rstrip("/"), token_file=str(token) if token else None,
+                            ca_file=str(ca) if ca else None, insecure_skip_verify=bool(insecure),
+                            meshes=meshes or ("*",), discovery_interval=interval or 30.0,
+                            stats=stats or "inspect",  # type: ignore[arg-type]
+                            timeout=timeout or 10.0, page_size=page or 100)
 
 
 def _path(value: Any, path: str, base_dir: Path, r: _Reader) -> Path | None:

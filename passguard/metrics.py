@@ -7,7 +7,7 @@ never labels here (cardinality): they live in the JSON API.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from passguard import __version__
+from passguard.sources.kuma import KumaSource
 from passguard.store.snapshot import STATES, Snapshot, mesh_summary
 
 DP_LABELS = ["mesh", "service", "dataplane", "family"]
@@ -92,12 +93,38 @@ class SnapshotCollector(Collector):
         yield states
 
 
+class DiscoveryCollector(Collector):
+    """Health of each control plane (source ``kuma``): read from the sources'
+    last-pass attributes, no I/O."""
+
+    def __init__(self, sources: Callable[[], Sequence[object]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("passguard_kuma_discovery_up",
+                               "1 if the last discovery pass from this control plane succeeded",
+                               labels=["url"])
+        last = GaugeMetricFamily("passguard_kuma_last_successful_discovery_timestamp_seconds",
+                                 "Unix time of the last complete discovery pass", labels=["url"])
+        for src in self._sources():
+            if not isinstance(src, KumaSource):
+                continue
+            ok = src.last_error is None and src.last_success is not None
+            up.add_metric([src.cfg.url], 1.0 if ok else 0.0)
+            if src.last_success is not None:
+                last.add_metric([src.cfg.url], src.last_success)
+        yield up
+        yield last
+
+
 class Metrics:
     """The daemon's own registry (never the global one: tests run several daemons)."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot],
+                 sources: Callable[[], Sequence[object]] = list) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
+        self.registry.register(DiscoveryCollector(sources))
         self.decisions = Counter("passguard_gate_decisions", "Gate decisions",
                                  ["mesh", "verdict", "mode"], registry=self.registry)
         self.reloads = Counter("passguard_config_reloads", "Configuration reloads",

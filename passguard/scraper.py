@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ssl import SSLContext
 
 from passguard.config import Config
 from passguard.envoy.admin import AdminClient
+from passguard.envoy.clusters import ClustersParser, Destination
 from passguard.envoy.names import stats_filter
+from passguard.envoy.promtext import PromStatsParser
 from passguard.envoy.stats import StatsParser, StatsReading
 from passguard.errors import ScrapeError
 from passguard.targets import Target
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """How to read a target that is not a plain Envoy admin (see sources.kuma)."""
+
+    base: str
+    path: str
+    headers: Mapping[str, str]
+    format: str  # "envoy" | "prometheus"
+    clusters_path: str | None
+    ssl: SSLContext | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,22 +50,52 @@ class Scraper:
         self.client = AdminClient(cfg.scrape.concurrency, cfg.scrape.max_response_bytes)
         self.parser = StatsParser(cfg.passthrough_clusters)
         self.params = {"filter": stats_filter(cfg.passthrough_clusters)}
+        self.clusters = ClustersParser(cfg.passthrough_clusters)
+        self.prom_parser = PromStatsParser(cfg.passthrough_clusters)
         self._slots = asyncio.Semaphore(cfg.scrape.concurrency)
 
-    async def scrape(self, target: Target) -> ScrapeResult:
+    async def scrape(self, target: Target, req: Request | None = None) -> ScrapeResult:
         async with self._slots:
             start = time.monotonic()
             try:
-                text = await self.client.get(target.url, "/stats", self.params, self.timeout)
-                reading: StatsReading | None = self.parser.parse(text)
+                if req is None:
+                    # Direct Envoy admin: the server-side filter keeps it tiny.
+                    text = await self.client.get(target.url, "/stats", self.params, self.timeout)
+                    reading: StatsReading | None = self.parser.parse(text)
+                else:
+                    # Through the Kuma CP (no filter there) or kuma-dp's metrics.
+                    text = await self.client.get(req.base, req.path, None, self.timeout,
+                                                 req.headers, req.ssl)
+                    parser = self.prom_parser if req.format == "prometheus" else self.parser
+                    reading = parser.parse(text)
                 error = None
             except ScrapeError as exc:
                 reading, error = None, str(exc)
             duration = time.monotonic() - start
             return ScrapeResult(target, time.time(), duration, reading, error)
 
-    async def cycle(self, targets: list[Target]) -> list[ScrapeResult]:
-        return list(await asyncio.gather(*(self.scrape(t) for t in targets if not t.offline)))
+    async def read_clusters(self, target: Target, req: Request | None = None
+                            ) -> tuple[Target, float, list[Destination] | None, str | None]:
+        """One ``/clusters`` read: the destinations of the passthrough clusters."""
+        async with self._slots:
+            try:
+                if req is None:
+                    text = await self.client.get(target.url, "/clusters", None, self.timeout)
+                elif req.clusters_path is None:
+                    return target, time.time(), None, "this stats mode has no /clusters"
+                else:
+                    text = await self.client.get(req.base, req.clusters_path, None, self.timeout,
+                                                 req.headers, req.ssl)
+                return target, time.time(), self.clusters.parse(text), None
+            except ScrapeError as exc:
+                return target, time.time(), None, str(exc)
+
+    async def cycle(self, targets: list[Target],
+                    request_for: Callable[[Target], Request | None] | None = None
+                    ) -> list[ScrapeResult]:
+        return list(await asyncio.gather(*(
+            self.scrape(t, request_for(t) if request_for else None)
+            for t in targets if not t.offline)))
 
     async def close(self) -> None:
         await self.client.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from ssl import SSLContext
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -43,14 +44,16 @@ class AdminClient:
         return self._tcp, base
 
     async def get(self, base: str, path: str, params: Mapping[str, str] | None = None,
-                  timeout: float = 5.0, headers: Mapping[str, str] | None = None) -> str:
+                  timeout: float = 5.0, headers: Mapping[str, str] | None = None,
+                  ssl: SSLContext | None = None) -> str:
         """GET ``base + path``; the text body, or ScrapeError saying what went wrong."""
         session, prefix = self._session_for(base)
         url = prefix + path
         try:
             async with asyncio.timeout(timeout):
                 async with session.get(url, params=params, headers=headers,
-                                       allow_redirects=False) as resp:
+                                       allow_redirects=False,
+                                       ssl=ssl if ssl is not None else True) as resp:
                     if resp.status != 200:
                         head = (await resp.content.read(200)).decode("utf-8", "replace")
                         raise ScrapeError(f"HTTP {resp.status} from {path}: {head.strip()[:120]!r}")

@@ -7,13 +7,15 @@ same answer (before and after a restart, on every replica).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from passguard.config import GatePolicy, format_duration
 from passguard.envoy.names import FAMILIES, Family
-from passguard.gate.documents import BREAK_GLASS, MODE_RANK, Change, Resource, TargetRef
+from passguard.gate.documents import BREAK_GLASS, MODE_RANK, Change, Match, Resource, TargetRef
+from passguard.store.destinations import DestinationView
 from passguard.store.snapshot import DataplaneEvidence
 
 Verdict = Literal["allow", "warn", "deny"]
@@ -31,6 +33,24 @@ class Evidence:
     mesh: str
     window_seconds: float | None  # None: counters since each proxy started
     dataplanes: tuple[DataplaneEvidence, ...]
+    destinations: tuple[DestinationView, ...] = ()
+    # False: no destination inventory runs for this mesh (e.g. a one-shot check).
+    inventory: bool = True
+
+
+def covers(match: Match, dest: DestinationView) -> bool:
+    """Does an appendMatch entry let this observed destination through?"""
+    if match.port is not None and match.port != dest.port:
+        return False
+    try:
+        ip = ipaddress.ip_address(dest.ip)
+        if match.type == "IP":
+            return ip == ipaddress.ip_address(match.value)
+        if match.type == "CIDR":
+            return ip in ipaddress.ip_network(match.value, strict=False)
+    except ValueError:
+        return False
+    return False  # Domain: IP evidence cannot prove a name matches
 
 
 @dataclass(frozen=True)
@@ -38,6 +58,8 @@ class Effect:
     reduces: bool
     description: str
     families: frozenset[Family] = frozenset()
+    # What stays allowed (Matched): None means nothing in `families` does.
+    allowed: tuple[Match, ...] | None = None
 
 
 @dataclass
@@ -98,13 +120,13 @@ def effect_of(change: Change) -> Effect:
     if new.mode == "Matched":
         if old_mode == "All":
             return Effect(True, f"limits passthrough for {scope} to {len(new.matches)} "
-                                f"matched destination(s){assumed}", GENERIC)
+                                f"matched destination(s){assumed}", GENERIC, new.matches)
         if old_mode == "Matched":
             assert old is not None
             dropped = set(old.matches) - set(new.matches)
             if dropped:
                 return Effect(True, f"removes {len(dropped)} passthrough match(es) for {scope}",
-                              frozenset({"matched"}))
+                              frozenset({"matched"}), new.matches)
             return Effect(False, f"keeps or widens the passthrough matches for {scope}")
         return Effect(False, f"opens passthrough to matched destinations for {scope}")
     return Effect(False, f"allows all passthrough for {scope}")
@@ -153,10 +175,46 @@ def _names(items: list[tuple[str, int]]) -> str:
     return text
 
 
+def _n(count: int, word: str) -> str:
+    """``1 dataplane``, ``2 dataplanes``."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def _window_words(window: float | None) -> str:
     if window is None:
         return "since the proxies started"
     return f"in the last {format_duration(window)}"
+
+
+CutRow = tuple[DataplaneEvidence, int, int, list[DestinationView], int]
+
+
+def _cut_traffic(online: list[DataplaneEvidence], fams: frozenset[Family],
+                 allowed: tuple[Match, ...] | None, ev: Evidence) -> list[CutRow]:
+    """Per dataplane: connections and open connections the change would cut, the
+    observed destinations it would cut, and window connections no observed
+    destination explains. Under Matched, a dataplane whose traffic is fully
+    explained by covered destinations loses nothing."""
+    by_dp: dict[str, list[DestinationView]] = {}
+    for dest in ev.destinations:
+        if dest.family in fams and (dest.window_connections > 0 or dest.active > 0):
+            by_dp.setdefault(dest.dataplane, []).append(dest)
+    rows: list[CutRow] = []
+    for d in online:
+        conns, active = d.connections_in(fams), d.active_in(fams)
+        if conns == 0 and active == 0:
+            continue
+        dests = by_dp.get(d.target.dataplane, [])
+        if allowed is None:
+            rows.append((d, conns, active, dests, 0))
+            continue
+        uncovered = [x for x in dests if not any(covers(m, x) for m in allowed)]
+        explained = sum(x.window_connections for x in dests)
+        missing = max(0, conns - explained) + max(0, active - sum(x.active for x in dests)) \
+            if ev.inventory else conns + active
+        if uncovered or missing:
+            rows.append((d, conns, active, uncovered, missing))
+    return rows
 
 
 def cap(verdict: Verdict, mode: str) -> Verdict:
@@ -172,11 +230,13 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
     if not eff.reduces:
         dec.reasons.append(f"does not reduce passthrough: {eff.description}")
         return dec
-    if r.kind == "MeshPassthrough" and change.new is not None and change.new.mode == "Matched" \
-            and eff.families == GENERIC:
-        dec.warnings.append(
-            f"{r.kind} {r.name}: destinations are not yet matched against appendMatch, so all "
-            "unmatched passthrough traffic counts as blocked")
+    if eff.allowed is not None:
+        for m in eff.allowed:
+            if m.type == "Domain":
+                dec.warnings.append(
+                    f"{r.kind} {r.name}: appendMatch Domain {m.value}"
+                    f"{':' + str(m.port) if m.port else ''} cannot be proven from IP evidence; "
+                    "traffic to it counts as cut unless an IP or CIDR match covers it")
     ref = change.resource.target_ref
     chosen, warning = select(ref, evidence.dataplanes)
     if warning:
@@ -184,11 +244,21 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
     fams = eff.families
     window = _window_words(evidence.window_seconds)
     online = [d for d in chosen if d.state != "offline"]
-    with_traffic = [(d, d.connections_in(fams), d.active_in(fams)) for d in online]
-    with_traffic = [x for x in with_traffic if x[1] > 0 or x[2] > 0]
+    cut = _cut_traffic(online, fams, eff.allowed, evidence)
+    with_traffic = [(d, c, a) for d, c, a, _, _ in cut]
     unknown = [d for d in online if d.unknown and all(d is not t[0] for t in with_traffic)]
     connections = sum(c for _, c, _ in with_traffic)
     active = sum(a for _, _, a in with_traffic)
+    blocked_dests: dict[str, dict[str, Any]] = {}
+    unexplained: list[tuple[str, int]] = []
+    for d, _, _, dests, missing in cut:
+        for dest in dests:
+            entry = blocked_dests.setdefault(dest.address, {
+                "address": dest.address, "dataplanes": [], "connections": 0})
+            entry["dataplanes"].append(d.target.dataplane)
+            entry["connections"] += dest.window_connections
+        if missing:
+            unexplained.append((d.target.dataplane, missing))
     dec.evidence = {
         "window_seconds": evidence.window_seconds,
         "dataplanes": {
@@ -199,20 +269,33 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
         },
         "connections": connections,
         "active_connections": active,
-        "destinations": [],
+        "destinations": sorted(blocked_dests.values(),
+                               key=lambda x: (-x["connections"], x["address"])),
     }
     base: Verdict
     if with_traffic:
         base = "deny"
         dec.reasons.append(
-            f"{len(with_traffic)} of {len(chosen)} dataplanes opened {connections} passthrough "
-            f"connections {window}: "
+            f"{len(with_traffic)} of {_n(len(chosen), 'dataplane')} opened "
+            f"{_n(connections, 'passthrough connection')} {window}: "
             + _names([(d.target.dataplane, c) for d, c, _ in with_traffic if c > 0] or
                      [(d.target.dataplane, 0) for d, _, _ in with_traffic]))
         if active:
-            dec.reasons.append(f"{active} passthrough connections are open now: "
+            dec.reasons.append(f"{_n(active, 'passthrough connection')} "
+                               f"{'is' if active == 1 else 'are'} open now: "
                                + _names([(d.target.dataplane, a)
                                          for d, _, a in with_traffic if a > 0]))
+        if blocked_dests and eff.allowed is not None:
+            dec.reasons.append("destinations no appendMatch covers: " + _names(
+                [(x["address"], x["connections"]) for x in blocked_dests.values()]))
+        elif blocked_dests:
+            dec.reasons.append("destinations that would be cut: " + _names(
+                [(x["address"], x["connections"]) for x in blocked_dests.values()]))
+        if unexplained and eff.allowed is not None:
+            dec.reasons.append(
+                "connections to destinations the inventory did not observe (Envoy drops idle "
+                "passthrough hosts after seconds; a shorter destinations.interval sees more): "
+                + _names(unexplained))
     elif not online:
         base = policy.on_insufficient_data
         where = "" if ref.kind == "Mesh" else " selected by the targetRef"
@@ -221,15 +304,15 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
     elif unknown:
         base = policy.on_insufficient_data
         dec.reasons.append(
-            f"no passthrough traffic seen, but {len(unknown)} of {len(chosen)} dataplanes have "
-            f"no complete evidence {window}: "
+            f"no passthrough traffic seen, but {len(unknown)} of {_n(len(chosen), 'dataplane')} "
+            f"{'has' if len(unknown) == 1 else 'have'} no complete evidence {window}: "
             + ", ".join(f"{d.target.dataplane} ({d.unknown_reason()})"
                         for d in unknown[:MAX_NAMED])
             + (f" and {len(unknown) - MAX_NAMED} more" if len(unknown) > MAX_NAMED else ""))
     else:
         base = "allow"
-        dec.reasons.append(f"no passthrough traffic {window} on {len(online)} watched "
-                           f"dataplane(s)")
+        dec.reasons.append(f"no passthrough traffic {window} on "
+                           f"{_n(len(online), 'watched dataplane')}")
     verdict = cap(base, policy.mode)
     if verdict != base:
         dec.warnings.append(f"{policy.mode} mode: would {base} {r.kind} {r.name}: "

@@ -21,7 +21,8 @@ def check(docs: list[Any], old_docs: list[Any] | None, snapshot: Snapshot,
     decisions = []
     for change in parsed.changes:
         mesh = change.resource.mesh
-        evidence = Evidence(mesh, snapshot.window_seconds, snapshot.for_mesh(mesh))
+        evidence = Evidence(mesh, snapshot.window_seconds, snapshot.for_mesh(mesh),
+                            snapshot.destinations_of(mesh))
         decisions.append(decide(change, evidence, gate.policy_for(mesh)))
     body = overall(decisions, gate.mode, parsed.warnings)
     if snapshot.window_seconds is None:

@@ -11,12 +11,14 @@ import json
 import math
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from passguard.envoy.names import FAMILIES, Family
 from passguard.envoy.stats import Counters
+from passguard.store.destinations import Destination, DestinationBook
 from passguard.store.window import History, Sample, Segment
 
 SCHEMA_VERSION = 1
@@ -32,6 +34,13 @@ CREATE TABLE IF NOT EXISTS segments (
     complete INTEGER NOT NULL, increase TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS segments_by_key ON segments (key, "end");
+CREATE TABLE IF NOT EXISTS destinations (
+    key TEXT NOT NULL, address TEXT NOT NULL,
+    mesh TEXT NOT NULL, dataplane TEXT NOT NULL, service TEXT NOT NULL, family TEXT NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, connections INTEGER NOT NULL,
+    last_cx_total INTEGER NOT NULL, last_active INTEGER NOT NULL, events TEXT NOT NULL,
+    PRIMARY KEY (key, address)
+);
 """
 
 
@@ -99,6 +108,7 @@ class StateDB:
                 for key in removed:
                     db.execute("DELETE FROM segments WHERE key = ?", (key,))
                     db.execute("DELETE FROM targets WHERE key = ?", (key,))
+                    db.execute("DELETE FROM destinations WHERE key = ?", (key,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -123,6 +133,36 @@ class StateDB:
                     out[key].segments.append(Segment(
                         -math.inf if start is None else start, end, _decode(inc), bool(complete)))
         return out
+
+    def save_destinations(self, changed: Iterable[tuple[str, Destination]],
+                          removed: Iterable[str] = ()) -> None:
+        rows = [(key, d.address, d.mesh, d.dataplane, d.service, d.family, d.first_seen,
+                 d.last_seen, d.connections, d.last_cx_total, d.last_active,
+                 json.dumps(list(d.events))) for key, d in changed]
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR REPLACE INTO destinations VALUES "
+                               "(?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                for key in removed:
+                    db.execute("DELETE FROM destinations WHERE key = ?", (key,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def load_destinations(self, book: DestinationBook) -> int:
+        n = 0
+        with self._lock:
+            for row in self._db.execute("SELECT * FROM destinations"):
+                (key, address, mesh, dp, service, family, first, last, conns, last_cx,
+                 last_active, events) = row
+                d = Destination(mesh, dp, service, address, family, first, last, conns, last_cx,
+                                last_active, deque((t, n) for t, n in json.loads(events)))
+                book.items.setdefault(key, {})[address] = d
+                n += 1
+        return n
 
     def integrity_check(self) -> str:
         with self._lock:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from passguard.envoy.names import Family
 from passguard.envoy.stats import Counters
+from passguard.store.destinations import DestinationView
 from passguard.targets import Target
 
 State = Literal["fresh", "stale", "failed", "offline"]
@@ -76,12 +77,16 @@ class Snapshot:
     stale_after: float
     dataplanes: tuple[DataplaneEvidence, ...]
     ready: bool = False
+    destinations: tuple[DestinationView, ...] = ()
 
     def meshes(self) -> list[str]:
         return sorted({d.target.mesh for d in self.dataplanes})
 
     def for_mesh(self, mesh: str) -> tuple[DataplaneEvidence, ...]:
         return tuple(d for d in self.dataplanes if d.target.mesh == mesh)
+
+    def destinations_of(self, mesh: str) -> tuple[DestinationView, ...]:
+        return tuple(d for d in self.destinations if d.mesh == mesh)
 
     def at(self, now: float) -> Snapshot:
         """The snapshot as seen at ``now``: a dataplane whose last success is older

@@ -10,7 +10,9 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
+from passguard.envoy.clusters import Destination as EnvoyDestination
 from passguard.scraper import ScrapeResult
+from passguard.store.destinations import Destination, DestinationBook, HostReading
 from passguard.store.persistence import StateDB
 from passguard.store.snapshot import DataplaneEvidence, Snapshot, State
 from passguard.store.window import History, Segment
@@ -29,6 +31,7 @@ class Store:
         self.since_start = since_start
         self.targets: dict[str, Target] = {}
         self.histories: dict[str, History] = {}
+        self.book = DestinationBook()
         self._removed: set[str] = set()
         self.restored = False
         self.cycles = 0
@@ -39,14 +42,20 @@ class Store:
         if self.db is None:
             return 0
         self.histories = self.db.load()
+        self.db.load_destinations(self.book)
         self.restored = bool(self.histories)
         return len(self.histories)
 
-    def set_targets(self, targets: Iterable[Target]) -> None:
+    def set_targets(self, targets: Iterable[Target], drop_missing: bool = True) -> None:
+        """The targets to scrape now. With ``drop_missing`` false (a control plane
+        has not answered yet) evidence of absent dataplanes is kept, not deleted."""
         new = {t.key: t for t in targets}
         for key in set(self.histories) - set(new):
+            if not drop_missing:
+                continue
             del self.histories[key]
             self._removed.add(key)
+        self.book.drop(self._removed)
         self.targets = new
         for key in new:
             self.histories.setdefault(key, History())
@@ -67,6 +76,23 @@ class Store:
             updates.append((r.target.key, h, added))
         self.cycles += 1
         return updates
+
+    def record_destinations(self, reads: Iterable[tuple[Target, float, list[EnvoyDestination]]]
+                            ) -> list[tuple[str, Destination]]:
+        changed: list[tuple[str, Destination]] = []
+        for target, t, dests in reads:
+            if target.key not in self.targets:
+                continue
+            hosts = {d.address: HostReading(d.cx_total, d.cx_active, d.family) for d in dests}
+            changed.extend((target.key, d) for d in self.book.update(
+                target.key, target.mesh, target.dataplane, target.service, t, hosts))
+        return changed
+
+    async def persist_destinations(self, changed: list[tuple[str, Destination]],
+                                   now: float) -> None:
+        self.book.prune(self.prune_before(now))
+        if self.db is not None and changed:
+            await asyncio.to_thread(self.db.save_destinations, changed)
 
     def prune_before(self, now: float) -> float:
         # One extra stale threshold: a segment straddling the window start
@@ -109,6 +135,8 @@ class Store:
                 last_attempt=h.last_attempt, error=h.last_error, scrape_duration=h.last_duration,
             ))
         snap = Snapshot(now, None if self.since_start else self.window, self.stale_after,
-                        tuple(out), ready=self.cycles > 0 or self.restored)
+                        tuple(out), ready=self.cycles > 0 or self.restored,
+                        destinations=self.book.views(
+                            float("-inf") if self.since_start else window_start))
         self.snapshot = snap
         return snap

@@ -38,6 +38,9 @@ ANONYMOUS = "anonymous"
 # tokens are configured. The admission route is authenticated by TLS (the
 # API server's client certificate) and may also carry a token.
 TOKEN_ROUTES = ("/v1/check", "/v1/audit", "/-/reload")
+# Never behind a token: the kubelet's probes cannot send one, health reveals
+# nothing, and the API server authenticates the webhook (not itself) by TLS.
+OPEN_ROUTES = ("/-/healthy", "/-/ready", "/v1/admission")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -75,7 +78,7 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         name = tokens.name_for(header[len("Bearer "):].strip())
     needs_token = tokens is not None and (
         request.path in TOKEN_ROUTES or (daemon.config.auth.protect_metrics
-                                         and request.path != "/v1/admission"))
+                                         and request.path not in OPEN_ROUTES))
     if needs_token and name is None:
         error = "invalid_token" if presented else "invalid_request"
         text = "the bearer token is not valid" if presented else "a bearer token is required"
@@ -165,6 +168,20 @@ async def get_mesh(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+def destinations_body(snap: Snapshot, mesh: str | None = None) -> list[dict[str, Any]]:
+    dests = snap.destinations_of(mesh) if mesh else snap.destinations
+    return [{"mesh": d.mesh, "dataplane": d.dataplane, "service": d.service,
+             "address": d.address, "family": d.family, "first_seen": rfc3339(d.first_seen),
+             "last_seen": rfc3339(d.last_seen), "connections": d.connections,
+             "window_connections": d.window_connections, "active_connections": d.active}
+            for d in dests]
+
+
+async def get_destinations(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"destinations": destinations_body(_snapshot(request), request.query.get("mesh"))})
+
+
 async def decide_and_record(request: web.Request, docs: list[Any], source: str,
                             requester: str, dry_run: bool = False) -> dict[str, Any]:
     """Decide, then write the audit entries *before* the answer leaves.
@@ -218,7 +235,9 @@ async def post_admission(request: web.Request) -> web.Response:
     raw = await request.read()
     [review] = load_documents(raw, "application/json", daemon.config.limits.documents)[:1] or [None]
     req = admission.parse_review(review)
-    requester = req.username if request[REQUESTER] == ANONYMOUS else \
+    # The API server checks passguard's certificate, not the other way round:
+    # without a client certificate or token, userInfo is the caller's claim.
+    requester = f"{req.username} (unverified)" if request[REQUESTER] == ANONYMOUS else \
         f"{req.username} via {request[REQUESTER]}"
     try:
         body = await decide_and_record(request, admission.documents(req), "admission",
@@ -297,7 +316,8 @@ async def post_reload(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     snap = _snapshot(request)
-    html = status_page.render(snap, meshes_body(snap, daemon), daemon.config.scrape.interval)
+    html = status_page.render(snap, meshes_body(snap, daemon), daemon.config.scrape.interval,
+                              destinations=destinations_body(snap))
     return web.Response(text=html, content_type="text/html")
 
 
@@ -312,6 +332,7 @@ def build_app(daemon: Daemon) -> web.Application:
     app.router.add_post("/-/reload", post_reload)
     app.router.add_get("/v1/meshes", get_meshes)
     app.router.add_get("/v1/meshes/{mesh}", get_mesh)
+    app.router.add_get("/v1/destinations", get_destinations)
     app.router.add_post("/v1/check", post_check)
     app.router.add_post("/v1/admission", post_admission)
     app.router.add_get("/v1/audit", get_audit)

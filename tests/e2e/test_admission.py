@@ -177,7 +177,7 @@ async def test_admission_create_update_dry_run(make_env: EnvFactory) -> None:
     status, audit = await env.get("/v1/audit?limit=1")
     [entry] = audit["entries"]
     assert entry["source"] == "admission" and entry["dry_run"] is True
-    assert entry["requester"] == "alice@example.com" and entry["verdict"] == "deny"
+    assert entry["requester"] == "alice@example.com (unverified)" and entry["verdict"] == "deny"
     assert entry["documents"][0]["kind"] == "Mesh"
     assert entry["evidence"]["connections"] == 2
 
@@ -254,7 +254,10 @@ async def test_protect_metrics(make_env: EnvFactory) -> None:
     env = await make_env(protect_metrics=True)
     assert (await env.get("/metrics", token=None))[0] == 401
     assert (await env.get("/", token=None))[0] == 401
+    assert (await env.get("/v1/meshes", token=None))[0] == 401
     assert (await env.get("/metrics"))[0] == 200
+    # Probes cannot send a token: health stays open.
+    assert (await env.get("/-/ready", token=None))[0] == 200
     # The API server authenticates by TLS: admission stays reachable.
     _, ans, _ = await env.post("/v1/admission", review(k8s_mesh("idle", False)), token=None)
     assert ans["response"]["allowed"] is True

@@ -52,7 +52,10 @@ def errors_of(text: str, tmp_path: Path) -> list[str]:
      "sources[0].targets[0].labels.mesh: must be a string, got a list"),
     ("sources: [{kind: envoy, targets: [{url: http://a:1, labels: {dataplane: x}}, "
      "{url: http://b:1, labels: {dataplane: x}}]}]", "is listed twice"),
-    ("sources: [{kind: consul}]", "sources[0].kind: must be 'envoy', got 'consul'"),
+    ("sources: [{kind: consul}]", "sources[0].kind: must be 'envoy' or 'kuma', got 'consul'"),
+    ("sources: [{kind: kuma, url: 'ftp://x', stats: grpc}]", "sources[0].url: 'ftp://x' must be"),
+    ("sources: [{kind: kuma, url: 'https://cp:5682', stats: grpc}]",
+     "sources[0].stats: must be one of inspect, kuma-dp"),
     ("listen: 0.0.0.0:9110", "listen: 0.0.0.0:9110 is not a loopback address"),
     ("a: 1\na: 2", "duplicate"),
     ("- just\n- a list", "must be a mapping, got a list"),

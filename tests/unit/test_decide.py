@@ -12,6 +12,7 @@ from passguard.config import GatePolicy
 from passguard.envoy.stats import Counters
 from passguard.gate.decide import Evidence, decide, overall
 from passguard.gate.documents import Change, Match, Resource, TargetRef
+from passguard.store.destinations import DestinationView
 from passguard.store.snapshot import DataplaneEvidence, State
 from passguard.targets import Target
 
@@ -96,7 +97,7 @@ def test_decision_json_shape_matches_design() -> None:
             "reasons": [
                 "2 of 12 dataplanes opened 47 passthrough connections in the last 15m: "
                 "web-1 (40), api-3 (7)",
-                "1 passthrough connections are open now: web-1 (1)",
+                "1 passthrough connection is open now: web-1 (1)",
             ],
             "evidence": {
                 "window_seconds": 900.0,
@@ -165,3 +166,63 @@ def test_target_ref_selects_dataplanes(ref: TargetRef, selected: list[str]) -> N
     assert ev["dataplanes"]["total"] == len(selected)
     for name in selected:
         assert name in d.reasons[0]
+
+
+def dest(dp_name: str, address: str, window: int, active: int = 0,
+         family: str = "ipv4") -> DestinationView:
+    return DestinationView("default", dp_name, "web", address, family,  # type: ignore[arg-type]
+                           1.0, 2.0, window, window, active)
+
+
+def matched(*matches: Match) -> Change:
+    return Change(Resource("MeshPassthrough", "mp", "default", "universal", "Matched", matches),
+                  None, "assumed")
+
+
+ENF = GatePolicy("enforce", "deny")
+
+
+def test_matched_allows_when_every_observed_destination_is_covered() -> None:
+    ev = Evidence("default", 900.0, (dp("web-1", conns=5),),
+                  (dest("web-1", "10.0.0.1:443", 3), dest("web-1", "10.1.2.3:5432", 2)))
+    d = decide(matched(Match("IP", "10.0.0.1", 443), Match("CIDR", "10.1.0.0/16")), ev, ENF)
+    assert d.verdict == "allow", d.reasons
+
+
+def test_matched_refuses_naming_the_uncovered_destination() -> None:
+    ev = Evidence("default", 900.0, (dp("web-1", conns=5),),
+                  (dest("web-1", "10.0.0.1:443", 3), dest("web-1", "10.9.9.9:443", 2)))
+    d = decide(matched(Match("IP", "10.0.0.1", 443)), ev, ENF)
+    assert d.verdict == "deny"
+    ev_json: Any = d.evidence
+    assert ev_json["destinations"] == [
+        {"address": "10.9.9.9:443", "dataplanes": ["web-1"], "connections": 2}]
+    assert any("no appendMatch covers: 10.9.9.9:443 (2)" in r for r in d.reasons)
+
+
+def test_matched_port_must_match() -> None:
+    ev = Evidence("default", 900.0, (dp("web-1", conns=1),), (dest("web-1", "10.0.0.1:80", 1),))
+    assert decide(matched(Match("IP", "10.0.0.1", 443)), ev, ENF).verdict == "deny"
+
+
+def test_matched_unexplained_connections_are_not_assumed_harmless() -> None:
+    # 5 connections in the window, only 3 seen at a destination.
+    ev = Evidence("default", 900.0, (dp("web-1", conns=5),), (dest("web-1", "10.0.0.1:443", 3),))
+    d = decide(matched(Match("IP", "10.0.0.1", 443)), ev, ENF)
+    assert d.verdict == "deny"
+    assert any("did not observe" in r and "web-1 (2)" in r for r in d.reasons)
+
+
+def test_matched_domain_cannot_be_proven() -> None:
+    ev = Evidence("default", 900.0, (dp("web-1", conns=1),),
+                  (dest("web-1", "93.184.216.34:443", 1),))
+    d = decide(matched(Match("Domain", "example.com", 443)), ev, ENF)
+    assert d.verdict == "deny"
+    assert any("Domain example.com:443 cannot be proven" in w for w in d.warnings)
+
+
+def test_disable_lists_the_destinations_that_would_be_cut() -> None:
+    ev = Evidence("default", 900.0, (dp("web-1", conns=4),), (dest("web-1", "[::1]:8443", 4),))
+    d = decide(MESH_OFF, ev, ENF)
+    ev_json: Any = d.evidence
+    assert ev_json["destinations"][0]["address"] == "[::1]:8443"

@@ -1,0 +1,131 @@
+"""The destination inventory: which external ``ip:port`` each dataplane reached.
+
+Envoy's ``/clusters`` lists the hosts of an ORIGINAL_DST passthrough cluster
+with per-host counters, but removes a host once it has been idle for the
+cluster's cleanup interval (5 s by default) and creates it again on the next
+connection, counters from zero. So a reading is a *sample*: passguard records
+every increase it sees, attributes it to the time it saw it, and keeps, per
+dataplane, how many window connections its observed destinations explain. What
+the inventory did not see is reported as unexplained, never assumed harmless.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from passguard.envoy.names import Family
+
+
+class HostReading(NamedTuple):
+    """One destination's counters from one ``/clusters`` read (summed over host lines)."""
+
+    cx_total: int
+    cx_active: int
+    family: Family
+
+
+@dataclass(slots=True)
+class Destination:
+    mesh: str
+    dataplane: str
+    service: str
+    address: str
+    family: Family
+    first_seen: float
+    last_seen: float
+    connections: int = 0
+    last_cx_total: int = 0
+    last_active: int = 0
+    # (time, increase) of every non-zero increase, pruned with the window.
+    events: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def in_window(self, window_start: float) -> int:
+        return sum(n for t, n in self.events if t >= window_start)
+
+    def active_since(self, window_start: float) -> bool:
+        return self.last_active > 0 or any(t >= window_start for t, _ in self.events)
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationView:
+    mesh: str
+    dataplane: str
+    service: str
+    address: str
+    family: Family
+    first_seen: float
+    last_seen: float
+    connections: int
+    window_connections: int
+    active: int
+
+    @property
+    def ip(self) -> str:
+        host = self.address.rsplit(":", 1)[0]
+        return host[1:-1] if host.startswith("[") else host
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+class DestinationBook:
+    def __init__(self) -> None:
+        # dataplane key → address → Destination
+        self.items: dict[str, dict[str, Destination]] = {}
+        self.last_read: dict[str, float] = {}
+
+    def update(self, key: str, mesh: str, dataplane: str, service: str, t: float,
+               hosts: Mapping[str, HostReading]) -> list[Destination]:
+        """Record one ``/clusters`` read of a dataplane; return what changed."""
+        changed = []
+        self.last_read[key] = t
+        book = self.items.setdefault(key, {})
+        for address, h in hosts.items():
+            d = book.get(address)
+            if d is None:
+                d = book[address] = Destination(mesh, dataplane, service, address, h.family, t, t)
+                inc = h.cx_total
+            elif h.cx_total >= d.last_cx_total:
+                inc = h.cx_total - d.last_cx_total
+            else:
+                # The host was cleaned up while idle and created again.
+                inc = h.cx_total
+            d.last_seen, d.last_cx_total, d.last_active = t, h.cx_total, h.cx_active
+            d.service = service
+            if inc:
+                d.connections += inc
+                d.events.append((t, inc))
+            changed.append(d)
+        for address, d in book.items():
+            if address not in hosts and (d.last_cx_total or d.last_active):
+                # Envoy removed the idle host: nothing is open, and a new host
+                # for this address will count from zero.
+                d.last_cx_total = d.last_active = 0
+                changed.append(d)
+        return changed
+
+    def drop(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.items.pop(key, None)
+            self.last_read.pop(key, None)
+
+    def prune(self, before: float) -> None:
+        for book in self.items.values():
+            for d in book.values():
+                while d.events and d.events[0][0] < before:
+                    d.events.popleft()
+
+    def all(self) -> Iterable[tuple[str, Destination]]:
+        for key, book in self.items.items():
+            for d in book.values():
+                yield key, d
+
+    def views(self, window_start: float) -> tuple[DestinationView, ...]:
+        return tuple(
+            DestinationView(d.mesh, d.dataplane, d.service, d.address, d.family, d.first_seen,
+                            d.last_seen, d.connections, d.in_window(window_start), d.last_active)
+            for _key, d in sorted(self.all(), key=lambda x: (x[0], x[1].address)))
