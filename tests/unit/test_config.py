@@ -101,3 +101,29 @@ def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
                               str(tmp_path / "nope.yaml")], capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_commented_example_blocks_are_valid_when_uncommented(tmp_path: Path) -> None:
+    """The example's optional blocks (kuma source, tokens, TLS) must not rot."""
+    text = (ROOT / "config" / "passguard.example.yaml").read_text()
+    out = []
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        indent = len(line) - len(stripped)
+        # "  # - kind: kuma" → "  - kind: kuma"; "  #   url: …" → "    url: …"
+        if stripped.startswith("# ") and (
+                stripped[2:].startswith(("- kind:", "tokens_file:", "tls:"))
+                or (stripped.startswith("#   ") and stripped[4:5].isalpha())):
+            body = stripped[2:]
+            out.append(" " * indent + body.split("  #")[0].rstrip())
+        else:
+            out.append(line)
+    p = tmp_path / "full.yaml"
+    p.write_text("\n".join(out))
+    cfg = config.load(p)
+    kinds = [s.kind for s in cfg.sources]
+    assert kinds == ["envoy", "kuma"]
+    kuma = cfg.sources[1]
+    assert kuma.kind == "kuma" and kuma.stats == "inspect" and kuma.page_size == 100
+    assert cfg.auth.tokens_file == Path("/etc/passguard/tokens.yaml")
+    assert cfg.auth.tls is not None and cfg.auth.tls.client_ca_file is not None
