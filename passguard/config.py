@@ -176,6 +176,7 @@ class Config:
     window: float = 900.0
     state_path: Path = Path("passguard-state.db")
     passthrough_clusters: str = DEFAULT_CLUSTERS_PATTERN
+    outbound_port: int = 15001
     sources: tuple[Source, ...] = ()
     gate: GateConfig = field(default_factory=GateConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -418,7 +419,11 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
         state_path = base_dir / state_path
 
     clusters = defaults.passthrough_clusters
-    pt = r.mapping(top.get("passthrough"), "passthrough", {"clusters"})
+    outbound_port = defaults.outbound_port
+    pt = r.mapping(top.get("passthrough"), "passthrough", {"clusters", "outbound_port"})
+    if pt is not None and "outbound_port" in pt and (
+            op := r.integer(pt["outbound_port"], "passthrough.outbound_port", 1, 65535)):
+        outbound_port = op
     if pt is not None and "clusters" in pt:
         c = r.string(pt["clusters"], "passthrough.clusters")
         if c is not None:
@@ -521,7 +526,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
     if errors.items:
         raise ConfigError(errors.items)
     return Config(listen=listen, scrape=scrape, window=window, state_path=state_path,
-                  passthrough_clusters=clusters, sources=tuple(sources), gate=gate,
+                  passthrough_clusters=clusters, outbound_port=outbound_port,
+                  sources=tuple(sources), gate=gate,
                   limits=limits, auth=auth, audit=audit, destinations=dests,
                   base_dir=base_dir)
 

@@ -49,11 +49,37 @@ def family_of(stat_name: str) -> Family:
     return "legacy"
 
 
-def stats_filter(clusters_pattern: str) -> str:
+DEFAULT_OUTBOUND_PORT = 15001
+
+
+def listener_pattern(clusters_pattern: str, outbound_port: int) -> str:
+    """Stat names of the outbound passthrough *listener*.
+
+    Under a ``Matched`` MeshPassthrough a destination no match allows finds no
+    filter chain: Envoy resets it and counts ``listener.<name>.no_filter_chain_match``
+    — not ``downstream_cx_no_route``, which counts connections once the
+    passthrough cluster is gone. Unified naming gives the listener a stat prefix
+    (the passthrough name); older Kuma leaves Envoy's default, the address and
+    Kuma's outbound redirect port (``0.0.0.0_15001``, ``[__]_15001``).
+    """
+    return rf"(?:{clusters_pattern}|[0-9a-fA-F.:_\[\]]+_{outbound_port})"
+
+
+def stats_filter(clusters_pattern: str, outbound_port: int = DEFAULT_OUTBOUND_PORT) -> str:
     """The RE2 ``filter`` for Envoy admin ``/stats``: a few hundred bytes come back
     instead of megabytes on a big mesh. Python's ``re`` accepts the same subset."""
     return (
         rf"^(?:cluster\.(?:{clusters_pattern})\.(?:{'|'.join(CLUSTER_STATS)})"
         rf"|tcp\.(?:{clusters_pattern})\.(?:{'|'.join(LISTENER_STATS)})"
+        rf"|listener\.{listener_pattern(clusters_pattern, outbound_port)}\.no_filter_chain_match"
         r"|server\.uptime)$"
     )
+
+
+def listener_family(name: str) -> Family:
+    """The family of a passthrough listener stat name."""
+    if name.startswith("[") or name.endswith("_ipv6"):
+        return "ipv6"
+    if name.endswith("_ipv4") or name[:1].isdigit():
+        return "ipv4"
+    return family_of(name)

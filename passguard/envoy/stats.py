@@ -12,7 +12,15 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from passguard.envoy.names import CLUSTER_STATS, LISTENER_STATS, Family, family_of
+from passguard.envoy.names import (
+    CLUSTER_STATS,
+    DEFAULT_OUTBOUND_PORT,
+    LISTENER_STATS,
+    Family,
+    family_of,
+    listener_family,
+    listener_pattern,
+)
 from passguard.errors import ScrapeError
 
 
@@ -55,7 +63,11 @@ class StatsReading:
 class StatsParser:
     """Compiled once per ``passthrough.clusters`` pattern, used for every scrape."""
 
-    def __init__(self, clusters_pattern: str) -> None:
+    def __init__(self, clusters_pattern: str,
+                 outbound_port: int = DEFAULT_OUTBOUND_PORT) -> None:
+        self._listener = re.compile(
+            rf"^listener\.(?P<l>{listener_pattern(clusters_pattern, outbound_port)})"
+            r"\.no_filter_chain_match: (?P<v>\d+)$", re.MULTILINE)
         self._stat = re.compile(
             # Named groups: a user's pattern may carry capture groups of its own.
             rf"^(?:cluster\.(?P<cl>{clusters_pattern})\.(?P<cs>{'|'.join(CLUSTER_STATS)})"
@@ -81,6 +93,13 @@ class StatsParser:
             if row is None:
                 row = acc[fam] = [0] * 7
             row[_FIELD[stat]] += int(value)
+        for m in self._listener.finditer(text):
+            # Refused for want of a matching chain: blocked like no_route.
+            fam = listener_family(m.group("l"))
+            row = acc.get(fam)
+            if row is None:
+                row = acc[fam] = [0] * 7
+            row[_FIELD["downstream_cx_no_route"]] += int(m.group("v"))
         return StatsReading(uptime, {f: Counters(*v) for f, v in acc.items()})
 
 

@@ -38,7 +38,10 @@ from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, send_traffic
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, stats_filter
 from passguard.envoy.stats import ZERO, StatsParser
 
-FILTER = stats_filter(DEFAULT_CLUSTERS_PATTERN)
+# Compared with a real Envoy under passguard's filter, but with a listener port
+# neither side uses: the fleet models Kuma's 0.0.0.0:15001 listener, the test
+# Envoy listens on a random port (test_kuma_listener_is_in_the_filter covers it).
+FILTER = stats_filter(DEFAULT_CLUSTERS_PATTERN, outbound_port=1)
 Q = quote(FILTER, safe="")
 CLOCK = 1_800_000_000.0  # the fleet's frozen "now"
 BUSY = 0  # the fleet target pinned to the real Envoy's traffic
@@ -485,3 +488,14 @@ async def test_errors_like_envoy() -> None:
                 assert (await resp.text()).startswith("server.uptime: ")
     finally:
         await fleet.stop()
+
+
+@pytest.mark.e2e
+def test_kuma_listener_is_in_the_filter(cap: Captured) -> None:
+    """passguard's real filter (port 15001) also returns the passthrough
+    listener's refusals, which a Matched MeshPassthrough produces."""
+    wanted = re.compile(stats_filter(DEFAULT_CLUSTERS_PATTERN))
+    matched = [n for n in names(cap.fleet["/stats"]) if wanted.match(n)]
+    assert "listener.0.0.0.0_15001.no_filter_chain_match" in matched
+    # The inbound passthrough listener (15006) is not passthrough to the outside.
+    assert not wanted.match("listener.0.0.0.0_15006.no_filter_chain_match")
