@@ -283,10 +283,11 @@ async def test_cp_down_keeps_the_last_list(cp: FakeKumaCP, token_file: Path,
 async def test_slow_cp_is_bounded(cp: FakeKumaCP, token_file: Path, sources: Sources) -> None:
     source = sources(cp, token_file, timeout=0.3)
     known, _ = await _known(cp, source)
-    cp.slow(r"^/meshes/default/dataplanes", 1.0)
+    cp.slow(r"^/meshes/default/dataplanes", 10.0)
     start = time.monotonic()
     await source.discover()
-    assert time.monotonic() - start < 2.0
+    # Not waiting for the 10 s answer (a hang bound, not a speed claim).
+    assert time.monotonic() - start < 5.0
     assert source.last_error is not None
     assert "no complete answer from the Kuma CP within 0.3s" in source.last_error
     assert source.targets() == known

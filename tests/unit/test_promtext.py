@@ -220,8 +220,9 @@ def test_not_prometheus_envoy(body: str, message: str) -> None:
         PromStatsParser(DEFAULT_CLUSTERS_PATTERN).parse(body)
 
 
-def test_large_body_is_fast() -> None:
-    """A merged /metrics of ~25 MB (application metrics included) in well under a second."""
+def test_large_body_is_parsed_right() -> None:
+    """A merged /metrics of ~25 MB (application metrics included). Correctness
+    only: speed is measured by bench/run.py, not asserted here."""
     noise = "".join(f'app_requests_total{{path="/p{i}",code="200"}} {i}\n' for i in range(2000))
     envoy = "".join(
         f'envoy_cluster_upstream_cx_total{{envoy_cluster_name="svc_{i}"}} {i}\n'
@@ -231,12 +232,8 @@ def test_large_body_is_fast() -> None:
         'envoy_cluster_upstream_cx_total{envoy_cluster_name="outbound_passthrough_ipv4"} 9\n'
         "envoy_server_uptime 3\n")
     assert len(body) > 20_000_000
-    parser = PromStatsParser(DEFAULT_CLUSTERS_PATTERN)
-    start = time.perf_counter()
-    reading = parser.parse(body)
-    elapsed = time.perf_counter() - start
+    reading = PromStatsParser(DEFAULT_CLUSTERS_PATTERN).parse(body)
     assert reading == StatsReading(3.0, {"ipv4": Counters(cx_total=9)})
-    assert elapsed < 1.5, f"{elapsed:.2f}s for {len(body) / 1e6:.0f} MB"
 
 
 # --------------------------------------------------------------------------- real Envoy
