@@ -51,7 +51,7 @@ class Scraper:
         self.parser = StatsParser(cfg.passthrough_clusters, cfg.outbound_port)
         self.params = {"filter": stats_filter(cfg.passthrough_clusters, cfg.outbound_port)}
         self.clusters = ClustersParser(cfg.passthrough_clusters)
-        self.prom_parser = PromStatsParser(cfg.passthrough_clusters)
+        self.prom_parser = PromStatsParser(cfg.passthrough_clusters, cfg.outbound_port)
         self._slots = asyncio.Semaphore(cfg.scrape.concurrency)
 
     async def scrape(self, target: Target, req: Request | None = None) -> ScrapeResult:

@@ -25,7 +25,14 @@ import itertools
 import math
 import re
 
-from passguard.envoy.names import CLUSTER_STATS, LISTENER_STATS, Family, family_of
+from passguard.envoy.names import (
+    CLUSTER_STATS,
+    DEFAULT_OUTBOUND_PORT,
+    LISTENER_STATS,
+    Family,
+    family_of,
+    listener_family,
+)
 from passguard.envoy.stats import Counters, StatsReading
 from passguard.errors import ScrapeError
 
@@ -51,7 +58,17 @@ _ESCAPE = re.compile(r"\\(.)")
 class PromStatsParser:
     """Compiled once per ``passthrough.clusters`` pattern, used for every scrape."""
 
-    def __init__(self, clusters_pattern: str) -> None:
+    def __init__(self, clusters_pattern: str,
+                 outbound_port: int = DEFAULT_OUTBOUND_PORT) -> None:
+        # The passthrough listener's refusals (see names.listener_pattern): Envoy
+        # tags an address-named listener (`envoy_listener_address="0.0.0.0_15001"`)
+        # and leaves a stat-prefixed one in the metric name.
+        self._listener = re.compile(
+            r"^envoy_listener_(?:"
+            rf'no_filter_chain_match\{{(?:{_LABELS},)?\s*envoy_listener_address\s*=\s*'
+            rf'"(?P<addr>[0-9a-fA-F.:_\[\]]+_{outbound_port})"'
+            rf"|(?P<name>{clusters_pattern})_no_filter_chain_match(?:\{{)?)"
+            rf"{_LABELS}\}}?[ \t]+(?P<v>{_VALUE})", re.MULTILINE)
         # The user's pattern is matched against the label value, whole, like
         # StatsParser matches it against the stat name between two dots.
         self._cluster = re.compile(rf"(?:{clusters_pattern})")
@@ -109,6 +126,13 @@ class PromStatsParser:
                                                        f"{stat}{{{labels}}}")
         if uptime is None:
             raise ScrapeError(_not_envoy(text))
+        for m in self._listener.finditer(text):
+            fam = listener_family(m.group("addr") or m.group("name"))
+            row = acc.get(fam)
+            if row is None:
+                row = acc[fam] = [0] * len(_FIELD)
+            row[_FIELD["downstream_cx_no_route"]] += _number(
+                m.group("v"), "envoy_listener_no_filter_chain_match")
         return StatsReading(uptime, {f: Counters(*v) for f, v in acc.items()})
 
 

@@ -15,6 +15,8 @@ import aiohttp
 from passguard import config as config_mod
 from passguard.app import Daemon
 from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, passthrough_connect
+from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN
+from passguard.envoy.promtext import PromStatsParser
 
 from .conftest import EnvoyFactory
 
@@ -69,5 +71,11 @@ async def test_blocked_connections_are_reported(envoy_factory: EnvoyFactory,
                     'family="ipv4",mesh="off",service=""} 3.0') in metrics
             html = await view(d, "/")
             assert "blocked" in html
+            # kuma-dp mode reads Envoy's Prometheus output: the same counts.
+            port = matched.listener_port("ipv4")
+            for proxy, want in ((off, 3), (matched, 2)):
+                text = await proxy.admin_get("/stats/prometheus")
+                reading = PromStatsParser(DEFAULT_CLUSTERS_PATTERN, port).parse(text)
+                assert sum(c.no_route for c in reading.families.values()) == want
         finally:
             await d.stop()
