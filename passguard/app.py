@@ -50,8 +50,9 @@ class Daemon:
         self._reloads: set[asyncio.Future[str | None]] = set()
         self.store = Store(config.window, config.stale_after, self.db)
         self.scraper = Scraper(config)
-        self.sources = SourceSet(config.sources)
-        self.metrics = Metrics(lambda: self.store.snapshot, lambda: self.sources.sources)
+        self.sources = SourceSet(config)
+        self.metrics = Metrics(lambda: self.store.snapshot,
+                               lambda: [*self.sources.sources, *self.sources.prometheus])
         self.notifier = Notifier.from_env()
         self.scheduler: AsyncIOScheduler | None = None
         self.runner: web.AppRunner | None = None
@@ -70,8 +71,9 @@ class Daemon:
         async with self._cycle_lock:
             start = time.monotonic()
             self._refresh_targets()
-            results = await self.scraper.cycle(list(self.store.targets.values()),
-                                               self.sources.request_for)
+            results, extra = await asyncio.gather(
+                self.scraper.cycle(list(self.store.targets.values()), self.sources.request_for),
+                self.sources.collect(time.time()))
             updates = self.store.record(results)
             now = time.time()
             try:
@@ -81,7 +83,7 @@ class Daemon:
                 # the failure is counted and logged for the operator.
                 self.metrics.persist_failures.inc()
                 log.error("could not write state to %s: %s", self.config.state_path, exc)
-            self.store.build_snapshot(now)
+            self.store.build_snapshot(now, extra)
             self.metrics.cycle_seconds.set(time.monotonic() - start)
             failed = sum(1 for r in results if r.error)
             log.debug("cycle: %d targets, %d failed, %.3fs", len(results), failed,
@@ -171,7 +173,7 @@ class Daemon:
                 await self.scraper.close()
                 self.scraper = Scraper(new)
             old_sources = self.sources
-            self.sources = SourceSet(new.sources)
+            self.sources = SourceSet(new)
             self.sources.inherit(old_sources)
             self.store.window = new.window
             self.store.stale_after = new.stale_after

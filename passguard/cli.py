@@ -149,7 +149,7 @@ def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> di
     async def once() -> dict[str, Any]:
         # The daemon's sources, without its server, scheduler or database:
         # one discovery, one scrape, one /clusters read.
-        sources = SourceSet(cfg.sources)
+        sources = SourceSet(cfg)
         scraper = Scraper(cfg)
         try:
             await sources.discover()
@@ -160,10 +160,11 @@ def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> di
             store.set_targets(sources.targets())
             targets_now = list(store.targets.values())
             store.record(await scraper.cycle(targets_now, sources.request_for))
+            extra = await sources.collect(time.time())
             reads = await asyncio.gather(*(scraper.read_clusters(t, sources.request_for(t))
                                            for t in targets_now))
             store.record_destinations([(t, at, d) for t, at, d, _ in reads if d is not None])
-            snap = store.build_snapshot(time.time())
+            snap = store.build_snapshot(time.time(), extra)
         finally:
             await scraper.close()
             await sources.close()

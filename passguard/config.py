@@ -20,6 +20,11 @@ from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN
 from passguard.errors import ConfigError, InputError
 from passguard.gate.loader import Limits, load_documents
 from passguard.sources.kuma import KumaSourceConfig
+from passguard.sources.prometheus import (
+    PrometheusLabels,
+    PrometheusSourceConfig,
+    check_config,
+)
 
 Mode = Literal["enforce", "warn", "audit"]
 Fallback = Literal["deny", "warn", "allow"]
@@ -105,7 +110,7 @@ class EnvoySource:
     kind: Literal["envoy"] = "envoy"
 
 
-Source = EnvoySource | KumaSourceConfig
+Source = EnvoySource | KumaSourceConfig | PrometheusSourceConfig
 
 
 @dataclass(frozen=True)
@@ -450,8 +455,13 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
                     if (ks := _kuma_source(src, spath, base_dir, r)) is not None:
                         sources.append(ks)
                     continue
+                if kind == "prometheus":
+                    if (ps := _prometheus_source(src, spath, base_dir, r)) is not None:
+                        sources.append(ps)
+                    continue
                 if kind != "envoy":
-                    errors.add(f"{spath}.kind", f"must be 'envoy' or 'kuma', got {kind!r}")
+                    errors.add(f"{spath}.kind",
+                               f"must be 'envoy', 'kuma' or 'prometheus', got {kind!r}")
                     continue
                 m = r.mapping(src, spath, {"kind", "targets", "target_files"})
                 if m is None:
@@ -563,6 +573,58 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
                             meshes=meshes or ("*",), discovery_interval=interval or 30.0,
                             stats=stats or "inspect",  # type: ignore[arg-type]
                             timeout=timeout or 10.0, page_size=page or 100)
+
+
+def _prometheus_source(src: dict[str, Any], spath: str, base_dir: Path,
+                       r: _Reader) -> PrometheusSourceConfig | None:
+    m = r.mapping(src, spath, {"kind", "url", "labels", "metrics", "token_file", "username",
+                               "password_file", "ca_file", "insecure_skip_verify", "timeout",
+                               "extra_selector", "scrape_interval", "headers", "forget_after",
+                               "max_response_bytes"})
+    if m is None:
+        return None
+    before = len(r.errors.items)
+    url = r.string(m.get("url"), f"{spath}.url")
+    labels = PrometheusLabels()
+    lm = r.mapping(m.get("labels"), f"{spath}.labels", {"mesh", "dataplane", "service"})
+    if lm:
+        names = {k: r.string(v, f"{spath}.labels.{k}") for k, v in lm.items()}
+        labels = PrometheusLabels(**{k: v for k, v in names.items() if v})
+    files = {k: _path(m[k], f"{spath}.{k}", base_dir, r) if k in m else None
+             for k in ("token_file", "password_file", "ca_file")}
+    headers: tuple[tuple[str, str], ...] = ()
+    hm = r.mapping(m.get("headers"), f"{spath}.headers", set(m.get("headers") or {}))
+    if hm:
+        headers = tuple((str(k), str(v)) for k, v in hm.items())
+    kwargs: dict[str, Any] = {}
+    for key, minimum in (("timeout", 0.1), ("scrape_interval", 1.0), ("forget_after", 1.0)):
+        if key in m and (d := r.duration(m[key], f"{spath}.{key}", minimum)) is not None:
+            kwargs[key] = d
+    if "max_response_bytes" in m and (
+            size := r.size(m["max_response_bytes"], f"{spath}.max_response_bytes")):
+        kwargs["max_response_bytes"] = size
+    if "metrics" in m and (mk := r.choice(m["metrics"], f"{spath}.metrics",
+                                          ("envoy", "passguard"))):
+        kwargs["metrics"] = mk
+    if "username" in m and (u := r.string(m["username"], f"{spath}.username")):
+        kwargs["username"] = u
+    if "extra_selector" in m and (es := r.string(m["extra_selector"],
+                                                 f"{spath}.extra_selector")):
+        kwargs["extra_selector"] = es
+    if "insecure_skip_verify" in m:
+        kwargs["insecure_skip_verify"] = bool(r.boolean(m["insecure_skip_verify"],
+                                                        f"{spath}.insecure_skip_verify"))
+    if len(r.errors.items) != before or url is None:
+        return None
+    def text(p: Path | None) -> str | None:
+        return str(p) if p is not None else None
+
+    cfg = PrometheusSourceConfig(
+        url=url, labels=labels, headers=headers, token_file=text(files["token_file"]),
+        password_file=text(files["password_file"]), ca_file=text(files["ca_file"]), **kwargs)
+    for key, message in check_config(cfg):
+        r.errors.add(f"{spath}.{key}", message)
+    return cfg
 
 
 def _path(value: Any, path: str, base_dir: Path, r: _Reader) -> Path | None:

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from passguard import __version__
 from passguard.sources.kuma import KumaSource
+from passguard.sources.prometheus import PrometheusSource
 from passguard.store.snapshot import STATES, Snapshot, mesh_summary
 
 DP_LABELS = ["mesh", "service", "dataplane", "family"]
@@ -60,6 +61,10 @@ class SnapshotCollector(Collector):
                                     "Unix time of the last successful scrape",
                                     labels=["mesh", "dataplane"])
         for dp in snap.dataplanes:
+            if dp.origin != "scrape":
+                # Its series already live in the Prometheus it came from:
+                # exporting them again would double them there.
+                continue
             t = dp.target
             for fam, c in sorted(dp.latest.items()):
                 lv = [t.mesh, t.service, t.dataplane, fam]
@@ -106,15 +111,24 @@ class DiscoveryCollector(Collector):
                                labels=["url"])
         last = GaugeMetricFamily("passguard_kuma_last_successful_discovery_timestamp_seconds",
                                  "Unix time of the last complete discovery pass", labels=["url"])
+        prom_up = GaugeMetricFamily("passguard_prometheus_source_up",
+                                    "1 if the last round of queries to this Prometheus succeeded",
+                                    labels=["url"])
         for src in self._sources():
-            if not isinstance(src, KumaSource):
+            if isinstance(src, KumaSource):
+                fam = up
+                last_ok = src.last_success
+                if last_ok is not None:
+                    last.add_metric([src.cfg.url], last_ok)
+            elif isinstance(src, PrometheusSource):
+                fam = prom_up
+            else:
                 continue
             ok = src.last_error is None and src.last_success is not None
-            up.add_metric([src.cfg.url], 1.0 if ok else 0.0)
-            if src.last_success is not None:
-                last.add_metric([src.cfg.url], src.last_success)
+            fam.add_metric([src.cfg.url], 1.0 if ok else 0.0)
         yield up
         yield last
+        yield prom_up
 
 
 class Metrics:

@@ -210,8 +210,10 @@ def _cut_traffic(online: list[DataplaneEvidence], fams: frozenset[Family],
             continue
         uncovered = [x for x in dests if not any(covers(m, x) for m in allowed)]
         explained = sum(x.window_connections for x in dests)
+        # Evidence from PromQL has no /clusters behind it: nothing is explained.
+        inventory = ev.inventory and d.origin == "scrape"
         missing = max(0, conns - explained) + max(0, active - sum(x.active for x in dests)) \
-            if ev.inventory else conns + active
+            if inventory else conns + active
         if uncovered or missing:
             rows.append((d, conns, active, uncovered, missing))
     return rows

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from ssl import SSLContext
 
-from passguard.config import EnvoySource, Source
+from passguard.config import Config, EnvoySource
 from passguard.scraper import Request
-from passguard.sources.kuma import KumaApiError, KumaSource, ssl_context
+from passguard.sources.kuma import KumaApiError, KumaSource, KumaSourceConfig, ssl_context
+from passguard.sources.prometheus import PrometheusSource
 from passguard.sources.static import StaticSource
+from passguard.store.snapshot import DataplaneEvidence
 from passguard.targets import Target
 
 log = logging.getLogger(__name__)
@@ -23,9 +26,19 @@ AnySource = StaticSource | KumaSource
 
 
 class SourceSet:
-    def __init__(self, cfgs: tuple[Source, ...]) -> None:
-        self.sources: list[AnySource] = [
-            StaticSource(c) if isinstance(c, EnvoySource) else KumaSource(c) for c in cfgs]
+    def __init__(self, config: Config) -> None:
+        self.sources: list[AnySource] = []
+        self.prometheus: list[PrometheusSource] = []
+        for c in config.sources:
+            if isinstance(c, EnvoySource):
+                self.sources.append(StaticSource(c))
+            elif isinstance(c, KumaSourceConfig):
+                self.sources.append(KumaSource(c))
+            else:
+                self.prometheus.append(PrometheusSource(
+                    c, config.window, config.stale_after,
+                    clusters_pattern=config.passthrough_clusters,
+                    outbound_port=config.outbound_port))
         self._kuma_of: dict[str, KumaSource] = {}
         self._ssl: dict[int, SSLContext | None] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,6 +90,14 @@ class SourceSet:
             ssl = self._ssl[id(src)]
         return Request(r.base, r.path, dict(r.headers), r.format, r.clusters_path, ssl)
 
+    async def collect(self, now: float) -> list[DataplaneEvidence]:
+        """Evidence from every Prometheus source (one round each, concurrently)."""
+        rounds = await asyncio.gather(*(p.collect(now) for p in self.prometheus))
+        out: list[DataplaneEvidence] = []
+        for src, dps in zip(self.prometheus, rounds, strict=True):
+            out.extend(replace(d, origin="prometheus", stale_after=src.threshold) for d in dps)
+        return out
+
     async def discover(self) -> None:
         """One pass of every control plane (each bounded by its own timeout)."""
         await asyncio.gather(*(s.discover() for s in self.kuma))
@@ -91,3 +112,5 @@ class SourceSet:
         await asyncio.gather(*tasks, return_exceptions=True)
         for src in self.kuma:
             await src.close()
+        for prom in self.prometheus:
+            await prom.close()

@@ -35,6 +35,12 @@ class DataplaneEvidence:
     last_attempt: float | None
     error: str | None
     scrape_duration: float | None
+    # "scrape": passguard read this proxy itself; "prometheus": from PromQL
+    # (its series already live in that Prometheus, and it has no /clusters).
+    origin: str = "scrape"
+    # Stale threshold of the source when it differs (a Prometheus scraping
+    # less often than passguard); None: the snapshot's.
+    stale_after: float | None = None
 
     @property
     def connections(self) -> int:
@@ -95,8 +101,8 @@ class Snapshot:
             return self
         out = []
         for d in self.dataplanes:
-            if d.state == "fresh" and (d.last_success is None
-                                       or now - d.last_success > self.stale_after):
+            limit = d.stale_after or self.stale_after
+            if d.state == "fresh" and (d.last_success is None or now - d.last_success > limit):
                 d = replace(d, state="stale")
             out.append(d)
         return replace(self, dataplanes=tuple(out))

@@ -35,6 +35,7 @@ class Store:
         self._removed: set[str] = set()
         self.restored = False
         self.cycles = 0
+        self.extra: tuple[DataplaneEvidence, ...] = ()
         self.snapshot = Snapshot(0.0, None if since_start else window, stale_after, ())
 
     def restore(self) -> int:
@@ -109,7 +110,11 @@ class Store:
         removed, self._removed = list(self._removed), set()
         await asyncio.to_thread(self.db.save, updates, before, removed)
 
-    def build_snapshot(self, now: float) -> Snapshot:
+    def build_snapshot(self, now: float,
+                       extra: Iterable[DataplaneEvidence] | None = None) -> Snapshot:
+        """``extra``: evidence computed elsewhere (the Prometheus source), kept
+        from the last call when None; a dataplane passguard scrapes itself
+        takes precedence over it."""
         window_start = now - self.window
         out = []
         for key, target in self.targets.items():
@@ -134,6 +139,9 @@ class Store:
                 uptime=last.uptime if last else None, last_success=h.last_success,
                 last_attempt=h.last_attempt, error=h.last_error, scrape_duration=h.last_duration,
             ))
+        if extra is not None:
+            self.extra = tuple(extra)
+        out.extend(d for d in self.extra if d.target.key not in self.targets)
         snap = Snapshot(now, None if self.since_start else self.window, self.stale_after,
                         tuple(out), ready=self.cycles > 0 or self.restored,
                         destinations=self.book.views(

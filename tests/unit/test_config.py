@@ -52,7 +52,14 @@ def errors_of(text: str, tmp_path: Path) -> list[str]:
      "sources[0].targets[0].labels.mesh: must be a string, got a list"),
     ("sources: [{kind: envoy, targets: [{url: http://a:1, labels: {dataplane: x}}, "
      "{url: http://b:1, labels: {dataplane: x}}]}]", "is listed twice"),
-    ("sources: [{kind: consul}]", "sources[0].kind: must be 'envoy' or 'kuma', got 'consul'"),
+    ("sources: [{kind: consul}]",
+     "sources[0].kind: must be 'envoy', 'kuma' or 'prometheus', got 'consul'"),
+    ("sources: [{kind: prometheus, url: 'http://p:9090', labels: {mesh: 1}}]",
+     "sources[0].labels.mesh: must be a non-empty string"),
+    ("sources: [{kind: prometheus, url: 'http://p:9090', metrics: statsd}]",
+     "sources[0].metrics: must be one of envoy, passguard"),
+    ("sources: [{kind: prometheus, url: 'http://p:9090', extra_selector: 'up{'}]",
+     "sources[0].extra_selector"),
     ("sources: [{kind: kuma, url: 'ftp://x', stats: grpc}]", "sources[0].url: 'ftp://x' must be"),
     ("sources: [{kind: kuma, url: 'https://cp:5682', stats: grpc}]",
      "sources[0].stats: must be one of inspect, kuma-dp"),
@@ -122,8 +129,21 @@ def test_commented_example_blocks_are_valid_when_uncommented(tmp_path: Path) -> 
     p.write_text("\n".join(out))
     cfg = config.load(p)
     kinds = [s.kind for s in cfg.sources]
-    assert kinds == ["envoy", "kuma"]
+    assert kinds == ["envoy", "kuma", "prometheus"]
     kuma = cfg.sources[1]
     assert kuma.kind == "kuma" and kuma.stats == "inspect" and kuma.page_size == 100
     assert cfg.auth.tokens_file == Path("/etc/passguard/tokens.yaml")
     assert cfg.auth.tls is not None and cfg.auth.tls.client_ca_file is not None
+
+
+def test_prometheus_source(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("sources:\n  - kind: prometheus\n    url: http://thanos:9090\n"
+                 "    labels: {mesh: k_mesh, dataplane: k_dp}\n    token_file: tok\n"
+                 "    scrape_interval: 15s\n    headers: {X-Scope-OrgID: team-a}\n")
+    [src] = config.load(p).sources
+    assert src.kind == "prometheus"
+    assert (src.labels.mesh, src.labels.dataplane, src.labels.service) == (
+        "k_mesh", "k_dp", "service")
+    assert src.token_file == str(tmp_path / "tok") and src.scrape_interval == 15
+    assert src.headers == (("X-Scope-OrgID", "team-a"),)
