@@ -668,7 +668,7 @@ def load(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError([f"cannot read {p}: {exc.strerror or exc}"]) from None
     try:
-        docs = load_documents(data, "application/yaml")
+        docs = load_documents(data, "application/yaml", FILE_LIMITS)
     except InputError as exc:
         raise ConfigError([f"{p}: {exc}"]) from None
     if len(docs) != 1:
@@ -676,10 +676,15 @@ def load(path: str | Path) -> Config:
     return build(docs[0], p.resolve().parent)
 
 
+# Operator-owned files may list a whole fleet; request bodies keep the tight
+# default. Still bounded: an alias bomb in a target file is refused too.
+FILE_LIMITS = Limits(max_documents=10_000, max_depth=64, max_nodes=5_000_000)
+
+
 def load_target_file(path: Path) -> list[TargetConfig]:
     """A target file: a list of targets, or a mapping with a ``targets`` list."""
     try:
-        docs = load_documents(path.read_bytes(), "application/yaml")
+        docs = load_documents(path.read_bytes(), "application/yaml", FILE_LIMITS)
     except OSError as exc:
         raise ConfigError([f"cannot read {path}: {exc.strerror or exc}"]) from None
     except InputError as exc:

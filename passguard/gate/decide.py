@@ -248,7 +248,8 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
     online = [d for d in chosen if d.state != "offline"]
     cut = _cut_traffic(online, fams, eff.allowed, evidence)
     with_traffic = [(d, c, a) for d, c, a, _, _ in cut]
-    unknown = [d for d in online if d.unknown and all(d is not t[0] for t in with_traffic)]
+    seen = {id(t[0]) for t in with_traffic}  # a set: 10,000 dataplanes made this O(n²)
+    unknown = [d for d in online if d.unknown and id(d) not in seen]
     connections = sum(c for _, c, _ in with_traffic)
     active = sum(a for _, _, a in with_traffic)
     blocked_dests: dict[str, dict[str, Any]] = {}

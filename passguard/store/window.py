@@ -46,6 +46,10 @@ class Segment(NamedTuple):
     def connections(self) -> int:
         return sum(c.cx_total for c in self.increase.values())
 
+    @property
+    def empty(self) -> bool:
+        return self.complete and not any(any(c) for c in self.increase.values())
+
 
 class Sample(NamedTuple):
     t: float
@@ -145,6 +149,10 @@ class History:
                 ca = a.families.get(fam)
                 inc[fam] = _as_increase(cb) if ca is None else _delta(ca, cb)
             added.append(Segment(a.t, t, inc))
+        # A complete segment in which nothing at all happened changes no window
+        # sum and uncovers nothing: not storing it keeps an idle fleet's memory
+        # and per-cycle work flat (most sidecars are idle most of the time).
+        added = [s for s in added if not s.empty]
         self.segments.extend(added)
         self.last = b
         self.last_success = t
@@ -166,7 +174,9 @@ class History:
 
     def window(self, window_start: float, short: float) -> WindowResult:
         """Increase inside ``[window_start, last sample]`` and whether it is complete."""
-        acc: dict[Family, Counters] = {}
+        # Plain lists, one Counters at the end: this runs for every dataplane
+        # every cycle, and NamedTuple arithmetic dominated it.
+        acc: dict[Family, list[int]] = {}
         covered = True
         reason: str | None = None
         if self.last is None:
@@ -180,14 +190,19 @@ class History:
             counts = seg.start >= window_start or (seg.end - seg.start) <= short
             if counts:
                 for fam, c in seg.increase.items():
-                    acc[fam] = acc[fam] + c if fam in acc else c
+                    row = acc.get(fam)
+                    if row is None:
+                        acc[fam] = list(c)
+                    else:
+                        for i, v in enumerate(c):
+                            row[i] += v
             elif seg.connections:
                 covered = False
                 reason = reason or "its counters include traffic from before passguard watched it"
         if self.pruned_until > window_start:
             covered = False
             reason = reason or "older samples were already pruned"
-        return WindowResult(acc, covered, reason)
+        return WindowResult({f: Counters(*v) for f, v in acc.items()}, covered, reason)
 
     def since_start(self) -> WindowResult:
         """Everything the proxy counted since it started: the standalone check."""

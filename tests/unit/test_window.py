@@ -141,3 +141,18 @@ def test_never_scraped() -> None:
     h = History()
     h.fail(100.0, "connection refused")
     assert not h.window(0.0, STALE).covered
+
+
+def test_idle_samples_store_nothing_and_change_nothing() -> None:
+    h = History()
+    stored = []
+    for i in range(100):
+        stored += h.add(100.0 + i, reading(0, 5000.0 + i), STALE)
+    assert stored == [] and not h.segments  # nothing to persist, nothing kept
+    assert h.window(150.0, STALE).covered
+    h.add(300.0, reading(2, 5200.0), STALE)
+    res = h.window(250.0, STALE)
+    # The increase spans the idle stretch since the last sample (199 → 300):
+    # a long segment straddling the window start, so not proven inside it.
+    assert not res.covered
+    assert h.window(199.0, STALE).total_connections == 2
