@@ -6,8 +6,9 @@ collector, the status page and the JSON API only read it. Nothing here does I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from passguard.envoy.names import Family
@@ -84,12 +85,28 @@ class Snapshot:
     dataplanes: tuple[DataplaneEvidence, ...]
     ready: bool = False
     destinations: tuple[DestinationView, ...] = ()
+    # Derived once per snapshot (every gate request reads them): the
+    # dataplanes per mesh, and the moment the first fresh one turns stale.
+    _by_mesh: dict[str, tuple[DataplaneEvidence, ...]] = field(
+        init=False, repr=False, compare=False)
+    _fresh_until: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_mesh: dict[str, list[DataplaneEvidence]] = {}
+        until = math.inf
+        for d in self.dataplanes:
+            by_mesh.setdefault(d.target.mesh, []).append(d)
+            if d.state == "fresh":
+                limit = d.stale_after or self.stale_after
+                until = min(until, (d.last_success or -math.inf) + limit)
+        object.__setattr__(self, "_by_mesh", {m: tuple(v) for m, v in by_mesh.items()})
+        object.__setattr__(self, "_fresh_until", until)
 
     def meshes(self) -> list[str]:
-        return sorted({d.target.mesh for d in self.dataplanes})
+        return sorted(self._by_mesh)
 
     def for_mesh(self, mesh: str) -> tuple[DataplaneEvidence, ...]:
-        return tuple(d for d in self.dataplanes if d.target.mesh == mesh)
+        return self._by_mesh.get(mesh, ())
 
     def destinations_of(self, mesh: str) -> tuple[DestinationView, ...]:
         return tuple(d for d in self.destinations if d.mesh == mesh)
@@ -97,8 +114,8 @@ class Snapshot:
     def at(self, now: float) -> Snapshot:
         """The snapshot as seen at ``now``: a dataplane whose last success is older
         than the stale threshold is stale even if the poller itself has stalled."""
-        if now - self.time <= 0:
-            return self
+        if now - self.time <= 0 or now <= self._fresh_until:
+            return self  # no fresh dataplane has gone stale since: nothing to redo
         out = []
         for d in self.dataplanes:
             limit = d.stale_after or self.stale_after
