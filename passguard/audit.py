@@ -97,7 +97,10 @@ class AuditLog:
                     entry.id = cur.lastrowid
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A failed COMMIT (disk full) has already rolled back: a second
+                # ROLLBACK would raise and hide the real cause.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
 
     def query(self, since: float | None = None, mesh: str | None = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN
+from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, stats_filter
 from passguard.errors import ConfigError, InputError
 from passguard.gate.loader import Limits, load_documents
 from passguard.sources.kuma import KumaSourceConfig
@@ -31,9 +31,10 @@ Fallback = Literal["deny", "warn", "allow"]
 MODES: tuple[Mode, ...] = ("enforce", "warn", "audit")
 FALLBACKS: tuple[Fallback, ...] = ("deny", "warn", "allow")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+# Bounded digit runs: no duration needs more, and longer ones overflow floats.
+_DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,9})?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,12})\s*(B|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 # A label value ends up as a Prometheus label and in decision text.
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -43,8 +44,15 @@ def parse_duration(value: str) -> float:
     """``"15s"`` → 15.0 seconds. Raises ValueError with the accepted form."""
     m = _DURATION.match(value)
     if not m:
-        raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 15s, 15m, 1h, 90d)")
+        raise ValueError(f"{_excerpt(value)} is not a duration (use e.g. 500ms, 15s, 15m, 1h, "
+                         "90d)")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _excerpt(value: object) -> str:
+    """A value for an error message: quoted, and cut when it is long."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def format_duration(seconds: float) -> str:
@@ -265,13 +273,13 @@ class _Reader:
         if isinstance(value, int) and not isinstance(value, bool):
             return self.integer(value, path, 1, 1024**3)
         if isinstance(value, str) and (m := _SIZE.match(value)):
-            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-        self.errors.add(path, f"must be a size like 1048576 or '1MiB', got {value!r}")
+            return self.integer(int(m.group(1)) * _SIZE_UNITS[m.group(2)], path, 1, 1024**4)
+        self.errors.add(path, f"must be a size like 1048576 or '1MiB', got {_excerpt(value)}")
         return None
 
     def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str | None:
         if value not in choices:
-            self.errors.add(path, f"must be one of {', '.join(choices)}, got {value!r}")
+            self.errors.add(path, f"must be one of {', '.join(choices)}, got {_excerpt(value)}")
             return None
         return str(value)
 
@@ -308,9 +316,37 @@ def parse_listen(value: str) -> Listen:
     return Listen(host, port)
 
 
+def _check_clusters_pattern(pattern: str) -> str | None:
+    """The pattern is embedded in every parser and in Envoy's filter: build
+    them all now, so a pattern that breaks one is refused here with the reason
+    instead of stopping the daemon at start."""
+    from passguard.envoy.clusters import ClustersParser
+    from passguard.envoy.promtext import PromStatsParser
+    from passguard.envoy.stats import StatsParser
+
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        return f"invalid regular expression: {exc}"
+    if "(?P<" in pattern or re.search(r"\(\?[aiLmsux]+\)", pattern):
+        return ("must not use named groups or global inline flags (it is embedded in larger "
+                "expressions); use (?:...) groups")
+    try:
+        StatsParser(pattern)
+        PromStatsParser(pattern)
+        ClustersParser(pattern)
+        re.compile(stats_filter(pattern))
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        return f"cannot be embedded in passguard's parsers: {exc}"
+    return None
+
+
 def validate_target_url(url: str) -> str | None:
     """Return why a target URL is unusable, or None when it is fine."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "http://[::1" (an unclosed IPv6 literal)
+        return f"{url!r} is not a URL: {exc}"
     if parts.scheme in ("http", "https"):
         if not parts.hostname:
             return f"{url!r} has no host"
@@ -432,11 +468,10 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
     if pt is not None and "clusters" in pt:
         c = r.string(pt["clusters"], "passthrough.clusters")
         if c is not None:
-            try:
-                re.compile(c)
+            if (problem := _check_clusters_pattern(c)) is None:
                 clusters = c
-            except re.error as exc:
-                errors.add("passthrough.clusters", f"invalid regular expression: {exc}")
+            else:
+                errors.add("passthrough.clusters", problem)
 
     sources: list[Source] = []
     if "sources" in top:
@@ -480,7 +515,9 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
         fb = r.choice(g.get("on_insufficient_data", gate.on_insufficient_data),
                       "gate.on_insufficient_data", FALLBACKS)
         meshes: dict[str, dict[str, str]] = {}
-        gm = r.mapping(g.get("meshes"), "gate.meshes", set(g.get("meshes") or {}))
+        raw_meshes = g.get("meshes")
+        gm = r.mapping(raw_meshes, "gate.meshes",
+                       {str(k) for k in raw_meshes} if isinstance(raw_meshes, dict) else set())
         for name, ov in (gm or {}).items():
             opath = f"gate.meshes.{name}"
             o = r.mapping(ov, opath, {"mode", "on_insufficient_data"})
@@ -551,8 +588,12 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
     before = len(r.errors.items)
     url = r.string(m.get("url"), f"{spath}.url")
     if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        try:
+            parts = urlsplit(url)
+            bad = parts.scheme not in ("http", "https") or not parts.hostname or bool(parts.query)
+        except ValueError:
+            bad = True
+        if bad:
             r.errors.add(f"{spath}.url", f"{url!r} must be http(s)://host[:port][/prefix] "
                                          "(the Kuma API, e.g. https://kuma-control-plane:5682)")
     token = _path(m["token_file"], f"{spath}.token_file", base_dir, r) \
@@ -585,6 +626,15 @@ def _prometheus_source(src: dict[str, Any], spath: str, base_dir: Path,
         return None
     before = len(r.errors.items)
     url = r.string(m.get("url"), f"{spath}.url")
+    if url is not None:
+        try:
+            parts = urlsplit(url)
+            bad = parts.scheme not in ("http", "https") or not parts.hostname
+        except ValueError:
+            bad = True
+        if bad:
+            r.errors.add(f"{spath}.url", f"{_excerpt(url)} must be http(s)://host[:port][/prefix]"
+                                         " (the Prometheus API)")
     labels = PrometheusLabels()
     lm = r.mapping(m.get("labels"), f"{spath}.labels", {"mesh", "dataplane", "service"})
     if lm:

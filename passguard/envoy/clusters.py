@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from passguard.envoy.names import FAMILIES, Family, family_of
+from passguard.envoy.stats import counter
 from passguard.errors import ScrapeError
 
 # `::observability_name::<stat name>` (recent Envoys) and `::added_via_api::`
@@ -119,7 +120,7 @@ class ClustersParser:
             row = acc.get(key)
             if row is None:
                 row = acc[key] = [0, 0]
-            row[0 if m.group("s") == "cx_total" else 1] += int(m.group("v"))
+            row[0 if m.group("s") == "cx_total" else 1] += counter(m.group("v"), "a host counter")
         return _destinations((fam, addr, row[0], row[1]) for (fam, addr), row in acc.items())
 
     # -- JSON ---------------------------------------------------------------
@@ -222,10 +223,12 @@ def _json_stats(host: Any, where: str) -> tuple[int, int]:
         # Envoy's JSON is proto3: a zero value is left out, integers are strings.
         raw = stat.get("value", "0")
         try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            raise ScrapeError(f"{where}.stats[{k}].value ({name}) must be an integer, "
-                              f"got {raw!r}") from None
+            value = int(raw) if not isinstance(raw, str) or len(raw) <= 20 else -1
+        except (TypeError, ValueError, OverflowError):
+            value = -1  # 1e400 parses as inf: int() overflows
+        if isinstance(raw, bool) or not 0 <= value < 2**64:
+            raise ScrapeError(f"{where}.stats[{k}].value ({name}) must be an integer "
+                              f"(a 64-bit count), got {str(raw)[:40]!r}") from None
         if name == "cx_total":
             total += value
         else:

@@ -33,7 +33,7 @@ from passguard.envoy.names import (
     family_of,
     listener_family,
 )
-from passguard.envoy.stats import Counters, StatsReading
+from passguard.envoy.stats import Counters, StatsReading, counter
 from passguard.errors import ScrapeError
 
 # Same positions as Counters' fields (and as stats._FIELD).
@@ -146,10 +146,11 @@ def _number(text: str, what: str) -> int:
     """A counter or gauge value as an integer: Envoy prints integers, kuma-dp
     prints Go floats (``9.217064e+06``), both exact for these values."""
     if text.isdigit():
-        return int(text)
+        return counter(text, what)
     value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise ScrapeError(f"{what} has the value {text!r}, not a count")
+    # 2**64: larger is not an Envoy stat (and would not survive as a float).
+    if not math.isfinite(value) or value < 0 or value >= 1.8446744073709552e19:
+        raise ScrapeError(f"{what} has the value {text[:40]!r}, not a count (of a 64-bit stat)")
     return round(value)
 
 

@@ -42,6 +42,16 @@ class Counters(NamedTuple):
 
 
 ZERO = Counters()
+# Envoy's counters and gauges are 64-bit: at most 20 decimal digits. A longer
+# run is not Envoy (and past 4,300 digits int() itself refuses).
+MAX_DIGITS = 20
+
+
+def counter(text: str, what: str) -> int:
+    """A stat value from Envoy text, or ScrapeError when it cannot be one."""
+    if len(text) > MAX_DIGITS:
+        raise ScrapeError(f"{what}: a {len(text)}-digit value is not a 64-bit Envoy stat")
+    return int(text)
 _FIELD = {
     "upstream_cx_total": 0,
     "upstream_cx_active": 1,
@@ -90,7 +100,7 @@ class StatsParser:
         first = self._first.match(text)
         for m in itertools.chain((first,) if first else (), self._lines.finditer(text)):
             if m.group("up"):
-                uptime = float(m.group("v"))
+                uptime = float(counter(m.group("v"), "server.uptime"))
                 continue
             cl = m.group("cl")
             if cl:
@@ -103,7 +113,7 @@ class StatsParser:
             row = acc.get(fam)
             if row is None:
                 row = acc[fam] = [0] * 7
-            row[field] += int(m.group("v"))
+            row[field] += counter(m.group("v"), "a passthrough stat")
         if uptime is None:
             raise ScrapeError(_not_envoy(text))
         return StatsReading(uptime, {f: Counters(*v) for f, v in acc.items()})

@@ -87,8 +87,18 @@ class Parsed:
     warnings: list[str] = field(default_factory=list)
 
 
+def _str_keys(value: Any) -> Any:
+    # YAML allows `1:` next to `name:`; sorting mixed key types raises.
+    if isinstance(value, dict):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_str_keys(v) for v in value]
+    return value
+
+
 def digest(doc: Any) -> str:
-    canon = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    canon = json.dumps(_str_keys(doc), sort_keys=True, separators=(",", ":"),
+                       ensure_ascii=False, default=str)
     return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
 
 
@@ -222,8 +232,27 @@ def _break_glass(d: _Doc, form: str) -> str | None:
     return None
 
 
+def _check_keys(doc: Any, label: str) -> None:
+    """Kubernetes and Kuma resources are JSON: every key is a string. YAML
+    allows `1:` or `true:` keys; refuse them, naming where (iteratively: the
+    loader already bounded the depth)."""
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    where = f" under {path}" if path else ""
+                    raise InputError(f"{label}: key {k!r}{where} is not a string (Kubernetes "
+                                     "and Kuma resources have string keys only)")
+                stack.append((v, f"{path}.{k}" if path else k))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
 def parse_resource(doc: Any, label: str) -> Resource | str:
     """A Resource, or a description of an ignored document (a string)."""
+    _check_keys(doc, label)
     kind, what = _classify(doc, label)
     if kind is None:
         return what

@@ -54,6 +54,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import ssl
 import time
@@ -249,7 +250,9 @@ def parse_list_page(body: Any, where: str) -> ListPage:
     items = _opt_list(doc, "items", where)
     total = doc.get("total")
     if total is not None and (isinstance(total, bool) or not isinstance(total, int | float)
-                              or total < 0 or total != int(total)):
+                              or (isinstance(total, float) and not math.isfinite(total))
+                              or total < 0
+                              or total != int(total)):
         raise KumaApiError(f"{where}.total must be a whole number, got {total!r}")
     return ListPage(items, None if total is None else int(total), _opt_str(doc, "next", where))
 

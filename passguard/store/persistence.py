@@ -111,7 +111,10 @@ class StateDB:
                     db.execute("DELETE FROM destinations WHERE key = ?", (key,))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A failed COMMIT (disk full) has already rolled back: a second
+                # ROLLBACK would raise and hide the real cause.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
 
     def load(self) -> dict[str, History]:
@@ -149,7 +152,10 @@ class StateDB:
                     db.execute("DELETE FROM destinations WHERE key = ?", (key,))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A failed COMMIT (disk full) has already rolled back: a second
+                # ROLLBACK would raise and hide the real cause.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
 
     def load_destinations(self, book: DestinationBook) -> int:

@@ -33,6 +33,8 @@ class Store:
         self.histories: dict[str, History] = {}
         self.book = DestinationBook()
         self._removed: set[str] = set()
+        # Segments not yet in the database (a failed write keeps them here).
+        self._unsaved: dict[str, tuple[History, list[Segment]]] = {}
         self.restored = False
         self.cycles = 0
         self.extra: tuple[DataplaneEvidence, ...] = ()
@@ -101,14 +103,25 @@ class Store:
         return now - self.window - self.stale_after
 
     async def persist(self, updates: list[tuple[str, History, list[Segment]]], now: float) -> None:
+        """Write this cycle, plus whatever an earlier failed write left behind:
+        evidence seen while the disk was full must reach it once it is not."""
         before = self.prune_before(now)
         for h in self.histories.values():
             h.prune(before)
         if self.db is None:
             self._removed.clear()
             return
-        removed, self._removed = list(self._removed), set()
-        await asyncio.to_thread(self.db.save, updates, before, removed)
+        for key, h, new in updates:
+            pending = self._unsaved.setdefault(key, (h, []))
+            pending[1].extend(new)
+        for key in self._removed:
+            self._unsaved.pop(key, None)
+        batch = [(key, h, [s for s in segs if s.end > before])
+                 for key, (h, segs) in self._unsaved.items() if key in self.histories]
+        removed = list(self._removed)
+        await asyncio.to_thread(self.db.save, batch, before, removed)
+        self._unsaved.clear()
+        self._removed.clear()
 
     def build_snapshot(self, now: float,
                        extra: Iterable[DataplaneEvidence] | None = None) -> Snapshot:
@@ -124,8 +137,9 @@ class Store:
             state: State
             if target.offline:
                 state = "offline"
-            elif h.last_error is not None and (h.last_success is None
-                                               or (h.last_attempt or 0) > h.last_success):
+            elif h.last_error is not None:
+                # add() clears last_error: no clock comparison, so a wall-clock
+                # step backwards cannot make a failing proxy look fresh.
                 state = "failed"
             elif h.last_success is None or now - h.last_success > self.stale_after:
                 state = "stale"

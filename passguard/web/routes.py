@@ -224,7 +224,9 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
 async def post_check(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     raw = await request.read()
-    docs = load_documents(raw, request.content_type, daemon.config.limits.documents)
+    # The whole header: the loader refuses a declared charset other than UTF-8.
+    docs = load_documents(raw, request.headers.get("Content-Type"),
+                          daemon.config.limits.documents)
     body = await decide_and_record(request, docs, "check", request[REQUESTER])
     return web.json_response(body)
 
