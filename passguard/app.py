@@ -205,7 +205,10 @@ class Daemon:
             self.store.build_snapshot(time.time())
             log.info("restored evidence of %d dataplanes from %s", restored,
                      self.config.state_path)
-        self.runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        # keepalive_timeout also bounds a client that never finishes its headers
+        # (aiohttp starts it at connect): no slowloris holds a socket for an hour.
+        self.runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False,
+                                    keepalive_timeout=self.config.limits.keepalive_timeout)
         await self.runner.setup()
         listen = self.config.listen
         site = web.TCPSite(self.runner, listen.host, listen.port, reuse_address=True,
@@ -244,15 +247,17 @@ class Daemon:
     async def stop(self) -> None:
         self.notifier.stopping()
         self.stopping.set()
+        # Let a cycle in flight finish (its database write included: nothing
+        # half-recorded) before the scheduler goes; shutting the scheduler down
+        # first cancelled the cycle, with an ERROR in the log at every stop.
+        async with self._cycle_lock:
+            if self.scheduler is not None:
+                self.scheduler.shutdown(wait=False)
+                self.scheduler = None
+            await self.scraper.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
-            self.scheduler = None
-        # Let a cycle in flight finish its database write: nothing half-recorded.
-        async with self._cycle_lock:
-            await self.scraper.close()
         await self.sources.close()
         if self.runner is not None:
             await self.runner.cleanup()

@@ -143,6 +143,7 @@ class GateConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_body_bytes: int = 1024 * 1024
+    keepalive_timeout: float = 75.0
     documents: Limits = field(default_factory=Limits)
 
 
@@ -535,7 +536,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
                           meshes=meshes)
 
     limits = defaults.limits
-    lm = r.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_documents", "max_depth"})
+    lm = r.mapping(top.get("limits"), "limits",
+                   {"max_body_bytes", "max_documents", "max_depth", "keepalive_timeout"})
     if lm is not None and lm:
         body = r.size(lm["max_body_bytes"], "limits.max_body_bytes") \
             if "max_body_bytes" in lm else None
@@ -543,9 +545,12 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             if "max_documents" in lm else None
         depth = r.integer(lm["max_depth"], "limits.max_depth", 4, 10_000) \
             if "max_depth" in lm else None
+        keepalive = r.duration(lm["keepalive_timeout"], "limits.keepalive_timeout", 1.0) \
+            if "keepalive_timeout" in lm else None
         dl = limits.documents
         limits = LimitsConfig(
             max_body_bytes=body or limits.max_body_bytes,
+            keepalive_timeout=keepalive or limits.keepalive_timeout,
             documents=Limits(max_documents=docs or dl.max_documents,
                              max_depth=depth or dl.max_depth,
                              max_nodes=dl.max_nodes, max_scalar_bytes=dl.max_scalar_bytes),

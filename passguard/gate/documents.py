@@ -292,7 +292,8 @@ def _flatten(docs: list[Any]) -> list[tuple[Any, Any, bool]]:
                 {"type", "kind", "apiVersion"} & set(doc)):
             unknown = set(doc) - {"object", "oldObject"}
             if unknown:
-                raise InputError(f"unexpected keys next to object/oldObject: {sorted(unknown)}")
+                raise InputError("unexpected keys next to object/oldObject: "
+                                 f"{sorted(unknown, key=repr)}")
             out.append((doc["object"], doc.get("oldObject"), "oldObject" in doc))
         elif isinstance(doc, dict) and doc.get("kind") == "List" and "items" in doc:
             items = doc["items"]
@@ -307,6 +308,8 @@ def _flatten(docs: list[Any]) -> list[tuple[Any, Any, bool]]:
 def parse_documents(docs: list[Any], old_docs: list[Any] | None = None) -> Parsed:
     """Changes described by ``docs``; previous state from oldObject or ``old_docs``."""
     parsed = Parsed()
+    for i, doc in enumerate(docs):
+        _check_keys(doc, f"document {i + 1}")  # before any key is sorted or compared
     old_index: dict[tuple[str, str, str], Resource] = {}
     for i, od in enumerate(old_docs or []):
         r = parse_resource(od, f"old document {i + 1}")

@@ -116,8 +116,10 @@ class Store:
             pending[1].extend(new)
         for key in self._removed:
             self._unsaved.pop(key, None)
-        batch = [(key, h, [s for s in segs if s.end > before])
-                 for key, (h, segs) in self._unsaved.items() if key in self.histories]
+        # Pruned in place: a long outage must not grow the backlog past the window.
+        self._unsaved = {key: (h, [s for s in segs if s.end > before])
+                         for key, (h, segs) in self._unsaved.items() if key in self.histories}
+        batch = [(key, h, segs) for key, (h, segs) in self._unsaved.items()]
         removed = list(self._removed)
         await asyncio.to_thread(self.db.save, batch, before, removed)
         self._unsaved.clear()
