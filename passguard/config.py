@@ -584,6 +584,15 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
                   base_dir=base_dir)
 
 
+def _is_api_url(url: str) -> bool:
+    """``http(s)://host[:port][/prefix]``, no query: the base of an HTTP API."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query
+    except ValueError:  # e.g. an unclosed IPv6 literal
+        return False
+
+
 def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
                  r: _Reader) -> KumaSourceConfig | None:
     m = r.mapping(src, spath, {"kind", "url", "token_file", "ca_file", "insecure_skip_verify",
@@ -592,15 +601,9 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
         return None
     before = len(r.errors.items)
     url = r.string(m.get("url"), f"{spath}.url")
-    if url is not None:
-        try:
-            parts = urlsplit(url)
-            bad = parts.scheme not in ("http", "https") or not parts.hostname or bool(parts.query)
-        except ValueError:
-            bad = True
-        if bad:
-            r.errors.add(f"{spath}.url", f"{url!r} must be http(s)://host[:port][/prefix] "
-                                         "(the Kuma API, e.g. https://kuma-control-plane:5682)")
+    if url is not None and not _is_api_url(url):
+        r.errors.add(f"{spath}.url", f"{_excerpt(url)} must be http(s)://host[:port][/prefix] "
+                                     "(the Kuma API, e.g. https://kuma-control-plane:5682)")
     token = _path(m["token_file"], f"{spath}.token_file", base_dir, r) \
         if "token_file" in m else None
     ca = _path(m["ca_file"], f"{spath}.ca_file", base_dir, r) if "ca_file" in m else None
@@ -631,15 +634,9 @@ def _prometheus_source(src: dict[str, Any], spath: str, base_dir: Path,
         return None
     before = len(r.errors.items)
     url = r.string(m.get("url"), f"{spath}.url")
-    if url is not None:
-        try:
-            parts = urlsplit(url)
-            bad = parts.scheme not in ("http", "https") or not parts.hostname
-        except ValueError:
-            bad = True
-        if bad:
-            r.errors.add(f"{spath}.url", f"{_excerpt(url)} must be http(s)://host[:port][/prefix]"
-                                         " (the Prometheus API)")
+    if url is not None and not _is_api_url(url):
+        r.errors.add(f"{spath}.url", f"{_excerpt(url)} must be http(s)://host[:port][/prefix]"
+                                     " (the Prometheus API)")
     labels = PrometheusLabels()
     lm = r.mapping(m.get("labels"), f"{spath}.labels", {"mesh", "dataplane", "service"})
     if lm:

@@ -127,6 +127,8 @@ from passguard.envoy.names import (
 )
 from passguard.envoy.stats import Counters
 from passguard.errors import PassguardError
+from passguard.sources.kuma import KumaApiError
+from passguard.sources.kuma import ssl_context as kuma_ssl_context
 from passguard.store.snapshot import DataplaneEvidence, State
 from passguard.targets import Target
 
@@ -785,17 +787,11 @@ def _coverage(cfg: PrometheusSourceConfig, f: Mapping[str, float], d: _Dataplane
 
 
 def _ssl_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
-    if insecure:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+    # The same client TLS rules as the Kuma source; only the error type differs.
     try:
-        return ssl.create_default_context(cafile=ca_file)
-    except FileNotFoundError:
-        raise PrometheusError(f"ca_file {ca_file}: no such file") from None
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        raise PrometheusError(f"ca_file {ca_file}: not a usable PEM CA bundle ({exc})") from None
+        return kuma_ssl_context(ca_file, insecure)
+    except KumaApiError as exc:
+        raise PrometheusError(str(exc)) from None
 
 
 def _read_secret(path: str, key: str) -> str:
