@@ -67,6 +67,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import aiohttp
 
 from passguard.errors import PassguardError
+from passguard.secretfile import read_secret
 from passguard.targets import Target
 
 log = logging.getLogger(__name__)
@@ -545,15 +546,9 @@ class KumaSource:
         path = self.cfg.token_file
         assert path is not None
         try:
-            with open(path, encoding="utf-8") as f:
-                token = f.read(64 * 1024).strip()
-        except OSError as exc:
-            raise KumaApiError(f"cannot read token_file {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise KumaApiError(f"token_file {path} is not text") from None
-        if not token:
-            raise KumaApiError(f"token_file {path} is empty")
-        return token
+            return read_secret(path, "token_file")
+        except ValueError as exc:
+            raise KumaApiError(str(exc)) from None
 
     def _refresh_ssl(self) -> None:
         if not self.base.startswith("https:"):

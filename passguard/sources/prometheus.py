@@ -127,6 +127,7 @@ from passguard.envoy.names import (
 )
 from passguard.envoy.stats import Counters
 from passguard.errors import PassguardError
+from passguard.secretfile import read_secret
 from passguard.sources.kuma import KumaApiError
 from passguard.sources.kuma import ssl_context as kuma_ssl_context
 from passguard.store.snapshot import DataplaneEvidence, State
@@ -796,15 +797,9 @@ def _ssl_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
 
 def _read_secret(path: str, key: str) -> str:
     try:
-        with open(path, encoding="utf-8") as fh:
-            value = fh.read(64 * 1024).strip()
-    except OSError as exc:
-        raise PrometheusError(f"cannot read {key} {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise PrometheusError(f"{key} {path} is not text") from None
-    if not value:
-        raise PrometheusError(f"{key} {path} is empty")
-    return value
+        return read_secret(path, key)
+    except ValueError as exc:
+        raise PrometheusError(str(exc)) from None
 
 
 class PrometheusSource:
