@@ -291,7 +291,10 @@ def write_passguard_config(tmp: Path, fleet_url: str, targets: int, meshes: int,
     cfg = {
         "listen": "127.0.0.1:0",
         # The harness drives the cycles; the interval only sets staleness (3x).
-        "scrape": {"interval": f"{INTERVAL:g}s", "timeout": "5s", "concurrency": concurrency},
+        # spread 0s: a cycle is timed as the cost of reading every target, not
+        # stretched over the interval as `auto` does in production.
+        "scrape": {"interval": f"{INTERVAL:g}s", "timeout": "5s", "concurrency": concurrency,
+                   "spread": "0s"},
         "window": f"{WINDOW:g}s",
         "state": {"path": "state/passguard.db"},
         "sources": [{"kind": "envoy", "target_files": ["targets.d/*.yaml"]}],

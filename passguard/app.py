@@ -25,6 +25,7 @@ from passguard.audit import AuditLog
 from passguard.config import Config
 from passguard.errors import ConfigError
 from passguard.metrics import Metrics
+from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
 from passguard.scraper import Scraper
 from passguard.sdnotify import Notifier
 from passguard.sources.sourceset import SourceSet
@@ -71,8 +72,12 @@ class Daemon:
         async with self._cycle_lock:
             start = time.monotonic()
             self._refresh_targets()
+            targets = list(self.store.targets.values())
+            scrape = self.config.scrape
+            spread = spread_for(len(targets), scrape.spread, scrape.interval, scrape.timeout,
+                                AUTO_SCRAPE_RATE)
             results, extra = await asyncio.gather(
-                self.scraper.cycle(list(self.store.targets.values()), self.sources.request_for),
+                self.scraper.cycle(targets, self.sources.request_for, spread),
                 self.sources.collect(time.time()))
             updates = self.store.record(results)
             now = time.time()
@@ -98,9 +103,11 @@ class Daemon:
 
     async def destinations_cycle(self) -> None:
         """Read every target's ``/clusters``: the inventory of external destinations."""
-        targets = [t for t in self.store.targets.values() if not t.offline]
-        reads = await asyncio.gather(*(self.scraper.read_clusters(t, self.sources.request_for(t))
-                                       for t in targets))
+        targets = list(self.store.targets.values())
+        dests = self.config.destinations
+        spread = spread_for(len(targets), dests.spread, dests.interval,
+                            self.config.scrape.timeout, AUTO_CLUSTERS_RATE)
+        reads = await self.scraper.clusters_pass(targets, self.sources.request_for, spread)
         ok = [(t, at, dests) for t, at, dests, _ in reads if dests is not None]
         for t, _, _, err in reads:
             if err is not None:

@@ -161,8 +161,8 @@ def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> di
             targets_now = list(store.targets.values())
             store.record(await scraper.cycle(targets_now, sources.request_for))
             extra = await sources.collect(time.time())
-            reads = await asyncio.gather(*(scraper.read_clusters(t, sources.request_for(t))
-                                           for t in targets_now))
+            # A one-shot read: nobody waits behind it, so no spreading.
+            reads = await scraper.clusters_pass(targets_now, sources.request_for)
             store.record_destinations([(t, at, d) for t, at, d, _ in reads if d is not None])
             snap = store.build_snapshot(time.time(), extra)
         finally:

@@ -91,6 +91,8 @@ class ScrapeConfig:
     # Guards against a proxy (or something pretending to be one) that sends
     # an endless body: a filtered /stats answer is a few hundred bytes.
     max_response_bytes: int = 64 * 1024 * 1024
+    # Seconds over which a cycle's scrapes start; None = auto (passguard.pacing).
+    spread: float | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ class DestinationsConfig:
     # Envoy drops an idle ORIGINAL_DST host after ~5 s, so a shorter interval
     # sees more short-lived destinations (each read is one /clusters request).
     interval: float = 60.0
+    # Seconds over which a pass's /clusters reads start; None = auto.
+    spread: float | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,16 @@ class _Reader:
             self.errors.add(path, f"must be at least {format_duration(minimum)}")
             return None
         return seconds
+
+    def spread(self, value: Any, path: str) -> float | None:
+        """``auto`` (None) or a duration, ``0s`` included (all at once)."""
+        if value == "auto":
+            return None
+        if not isinstance(value, str):
+            self.errors.add(path, f"must be 'auto' or a duration like '5s', got "
+                                  f"{_type_name(value)}")
+            return None
+        return self.duration(value, path, 0.0)
 
     def integer(self, value: Any, path: str, minimum: int, maximum: int) -> int | None:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -428,7 +442,7 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
 
     scrape = defaults.scrape
     sc = r.mapping(top.get("scrape"), "scrape",
-                   {"interval", "timeout", "concurrency", "max_response_bytes"})
+                   {"interval", "timeout", "concurrency", "max_response_bytes", "spread"})
     if sc is not None:
         interval = r.duration(sc["interval"], "scrape.interval", 0.1) if "interval" in sc else None
         timeout = r.duration(sc["timeout"], "scrape.timeout", 0.01) if "timeout" in sc else None
@@ -436,15 +450,22 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             if "concurrency" in sc else None
         maxb = r.size(sc["max_response_bytes"], "scrape.max_response_bytes") \
             if "max_response_bytes" in sc else None
+        spread = r.spread(sc["spread"], "scrape.spread") if "spread" in sc else None
         scrape = ScrapeConfig(
             interval=interval or scrape.interval,
             timeout=timeout or scrape.timeout,
             concurrency=conc or scrape.concurrency,
             max_response_bytes=maxb or scrape.max_response_bytes,
+            spread=spread,
         )
         if scrape.timeout > scrape.interval:
             errors.add("scrape.timeout", f"({format_duration(scrape.timeout)}) must not exceed "
                                          f"scrape.interval ({format_duration(scrape.interval)})")
+        elif spread is not None and spread + scrape.timeout > scrape.interval:
+            errors.add("scrape.spread", f"({format_duration(spread)}) plus scrape.timeout "
+                                        f"({format_duration(scrape.timeout)}) must not exceed "
+                                        f"scrape.interval ({format_duration(scrape.interval)}): "
+                                        "a cycle would run into the next")
 
     window = defaults.window
     if "window" in top and (w := r.duration(top["window"], "window", 1.0)) is not None:
@@ -570,10 +591,17 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
         audit = AuditConfig(retention=ret)
 
     dests = defaults.destinations
-    dc = r.mapping(top.get("destinations"), "destinations", {"interval"})
-    if dc is not None and "interval" in dc and (
-            di := r.duration(dc["interval"], "destinations.interval", 1.0)) is not None:
-        dests = DestinationsConfig(interval=di)
+    dc = r.mapping(top.get("destinations"), "destinations", {"interval", "spread"})
+    if dc is not None:
+        di = r.duration(dc["interval"], "destinations.interval", 1.0) \
+            if "interval" in dc else None
+        dspread = r.spread(dc["spread"], "destinations.spread") if "spread" in dc else None
+        dests = DestinationsConfig(interval=di or dests.interval, spread=dspread)
+        if dspread is not None and dspread + scrape.timeout > dests.interval:
+            errors.add("destinations.spread",
+                       f"({format_duration(dspread)}) plus scrape.timeout "
+                       f"({format_duration(scrape.timeout)}) must not exceed "
+                       f"destinations.interval ({format_duration(dests.interval)})")
 
     if errors.items:
         raise ConfigError(errors.items)

@@ -20,6 +20,7 @@ from passguard.envoy.names import stats_filter
 from passguard.envoy.promtext import PromStatsParser
 from passguard.envoy.stats import StatsParser, StatsReading
 from passguard.errors import ScrapeError
+from passguard.pacing import paced
 from passguard.targets import Target
 
 
@@ -91,11 +92,20 @@ class Scraper:
                 return target, time.time(), None, str(exc)
 
     async def cycle(self, targets: list[Target],
-                    request_for: Callable[[Target], Request | None] | None = None
-                    ) -> list[ScrapeResult]:
-        return list(await asyncio.gather(*(
-            self.scrape(t, request_for(t) if request_for else None)
-            for t in targets if not t.offline)))
+                    request_for: Callable[[Target], Request | None] | None = None,
+                    spread: float = 0.0) -> list[ScrapeResult]:
+        """Scrape every online target, the starts spread over ``spread`` seconds."""
+        online = [t for t in targets if not t.offline]
+        return await paced(online, spread,
+                           lambda t: self.scrape(t, request_for(t) if request_for else None))
+
+    async def clusters_pass(self, targets: list[Target],
+                            request_for: Callable[[Target], Request | None],
+                            spread: float = 0.0
+                            ) -> list[tuple[Target, float, list[Destination] | None, str | None]]:
+        """Every online target's ``/clusters``, the starts spread over ``spread`` seconds."""
+        online = [t for t in targets if not t.offline]
+        return await paced(online, spread, lambda t: self.read_clusters(t, request_for(t)))
 
     async def close(self) -> None:
         await self.client.close()

@@ -64,6 +64,13 @@ def errors_of(text: str, tmp_path: Path) -> list[str]:
     ("sources: [{kind: kuma, url: 'https://cp:5682', stats: grpc}]",
      "sources[0].stats: must be one of inspect, kuma-dp"),
     ("listen: 0.0.0.0:9110", "listen: 0.0.0.0:9110 is not a loopback address"),
+    ("scrape: {spread: fast}", "scrape.spread: 'fast' is not a duration"),
+    ("scrape: {spread: 5}", "scrape.spread: must be 'auto' or a duration like '5s', got a number"),
+    ("scrape: {interval: 15s, timeout: 5s, spread: 11s}",
+     "scrape.spread: (11s) plus scrape.timeout (5s) must not exceed scrape.interval (15s)"),
+    ("destinations: {interval: 60s, spread: 58s}",
+     "destinations.spread: (58s) plus scrape.timeout (5s) must not exceed "
+     "destinations.interval (1m)"),
     ("a: 1\na: 2", "duplicate"),
     ("- just\n- a list", "must be a mapping, got a list"),
 ])
@@ -75,6 +82,17 @@ def test_errors_name_the_key_path(text: str, error: str, tmp_path: Path) -> None
 def test_all_errors_reported_at_once(tmp_path: Path) -> None:
     errs = errors_of("window: x\ngate: {mode: y}\nscrape: {timeout: z}", tmp_path)
     assert len(errs) == 3
+
+
+def test_spread(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("scrape: {spread: 0s}\ndestinations: {spread: 20s}\n")
+    cfg = config.load(p)
+    assert (cfg.scrape.spread, cfg.destinations.spread) == (0.0, 20.0)
+    p.write_text("scrape: {spread: auto}\ndestinations: {interval: 30s}\n")
+    cfg = config.load(p)
+    assert (cfg.scrape.spread, cfg.destinations.spread, cfg.destinations.interval) == (
+        None, None, 30.0)
 
 
 def test_insecure_allows_public_bind(tmp_path: Path) -> None:

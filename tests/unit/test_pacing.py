@@ -1,0 +1,89 @@
+"""Spreading a pass over its targets: how long, in what order, and a clean cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from passguard.pacing import AUTO_SCRAPE_RATE, paced, spread_for
+
+
+def test_spread_for() -> None:
+    # auto: count / rate, capped at half the interval and at interval - timeout
+    assert spread_for(10, None, 15.0, 5.0, AUTO_SCRAPE_RATE) == pytest.approx(0.05)
+    assert spread_for(1000, None, 15.0, 5.0, 200.0) == 5.0
+    assert spread_for(10_000, None, 15.0, 5.0, 200.0) == 7.5
+    assert spread_for(10_000, None, 15.0, 12.0, 200.0) == 3.0
+    assert spread_for(10_000, None, 1.0, 1.0, 200.0) == 0.0
+    assert spread_for(0, None, 15.0, 5.0, 200.0) == 0.0
+    # configured: as given (the config checked it against the interval)
+    assert spread_for(3, 2.0, 15.0, 5.0, 200.0) == 2.0
+    assert spread_for(3, 0.0, 15.0, 5.0, 200.0) == 0.0
+
+
+def test_paced_starts_evenly_and_keeps_order() -> None:
+    async def main() -> tuple[list[int], list[float]]:
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        starts: list[float] = []
+
+        async def run(i: int) -> int:
+            starts.append(loop.time() - begin)
+            await asyncio.sleep(0.05 if i == 0 else 0)  # the first finishes last
+            return i * 10
+
+        return await paced(list(range(5)), 0.5, run), starts
+
+    results, starts = asyncio.run(main())
+    assert results == [0, 10, 20, 30, 40]
+    # Item i never starts before i x 0.5 / 5 s (the loop may only be late).
+    for i, t in enumerate(starts):
+        assert t >= i * 0.1 - 0.005, starts
+
+
+def test_paced_all_at_once_and_empty() -> None:
+    async def main() -> tuple[list[int], list[int]]:
+        started: list[int] = []
+
+        async def run(i: int) -> int:
+            started.append(i)
+            await asyncio.sleep(0.01)
+            return i
+
+        task = asyncio.ensure_future(paced([1, 2, 3], 0.0, run))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        early = list(started)  # all three are running before any has finished
+        return await task, [*early, len(await paced([], 1.0, run))]
+
+    results, early = asyncio.run(main())
+    assert results == [1, 2, 3]
+    assert early == [1, 2, 3, 0]
+
+
+def test_cancel_cancels_the_started_runs() -> None:
+    async def main() -> tuple[int, int]:
+        cancelled = 0
+        started = 0
+
+        async def run(i: int) -> int:
+            nonlocal cancelled, started
+            started += 1
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled += 1
+                raise
+            return i
+
+        task = asyncio.ensure_future(paced(list(range(10)), 1.0, run))
+        await asyncio.sleep(0.25)  # about three have started, the rest wait their turn
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return started, cancelled
+
+    started, cancelled = asyncio.run(main())
+    assert 1 <= started < 10
+    assert cancelled == started
