@@ -1,8 +1,10 @@
-"""Prometheus exposition: a custom collector over the latest snapshot.
+"""Prometheus exposition: passguard's own counters, plus the latest snapshot.
 
-``collect()`` only reads the immutable snapshot the poller published: a scrape
-of passguard never waits on a proxy, a lock or the database. Destinations are
-never labels here (cardinality): they live in the JSON API.
+Nothing here does I/O: a scrape of passguard never waits on a proxy, a lock or
+the database. The per-dataplane series come from ``passguard.exposition``
+(rendered once per snapshot, off the critical path of gate requests); the
+rest is a prometheus_client registry with custom collectors that read the
+sources' last-pass attributes.
 """
 
 from __future__ import annotations
@@ -16,86 +18,20 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.exposition import UNDERSCORES
 from prometheus_client.registry import Collector
 
 from passguard import __version__
+from passguard.exposition import Format, SnapshotExposition
 from passguard.sources.kuma import KumaSource
 from passguard.sources.prometheus import PrometheusSource
-from passguard.store.snapshot import STATES, Snapshot, mesh_summary
-
-DP_LABELS = ["mesh", "service", "dataplane", "family"]
+from passguard.store.snapshot import Snapshot
 
 # `_created` series double the exposition for no use here (the counters that
 # matter come from Envoy, with their own reset semantics).
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-
-class SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
-        self._snapshot = snapshot
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
-        conns = CounterMetricFamily("passguard_passthrough_connections",
-                                    "Connections opened through the passthrough clusters "
-                                    "(Envoy upstream_cx_total)", labels=DP_LABELS)
-        active = GaugeMetricFamily("passguard_passthrough_active_connections",
-                                   "Passthrough connections open at the latest scrape",
-                                   labels=DP_LABELS)
-        nbytes = CounterMetricFamily("passguard_passthrough_bytes",
-                                     "Bytes through the passthrough clusters",
-                                     labels=[*DP_LABELS, "direction"])
-        blocked = CounterMetricFamily("passguard_passthrough_blocked_connections",
-                                      "Connections refused by the passthrough listener "
-                                      "(downstream_cx_no_route)", labels=DP_LABELS)
-        fails = CounterMetricFamily("passguard_passthrough_connect_failures",
-                                    "Passthrough upstream connect failures", labels=DP_LABELS)
-        overflow = CounterMetricFamily("passguard_passthrough_overflow",
-                                       "Passthrough circuit breaker overflows", labels=DP_LABELS)
-        up = GaugeMetricFamily("passguard_target_up", "1 if the last scrape succeeded",
-                               labels=["mesh", "dataplane"])
-        duration = GaugeMetricFamily("passguard_target_scrape_duration_seconds",
-                                     "Duration of the last scrape", labels=["mesh", "dataplane"])
-        last_ok = GaugeMetricFamily("passguard_last_successful_scrape_timestamp_seconds",
-                                    "Unix time of the last successful scrape",
-                                    labels=["mesh", "dataplane"])
-        for dp in snap.dataplanes:
-            if dp.origin != "scrape":
-                # Its series already live in the Prometheus it came from:
-                # exporting them again would double them there.
-                continue
-            t = dp.target
-            for fam, c in sorted(dp.latest.items()):
-                lv = [t.mesh, t.service, t.dataplane, fam]
-                conns.add_metric(lv, c.cx_total)
-                active.add_metric(lv, c.cx_active)
-                nbytes.add_metric([*lv, "sent"], c.tx_bytes)
-                nbytes.add_metric([*lv, "received"], c.rx_bytes)
-                blocked.add_metric(lv, c.no_route)
-                fails.add_metric(lv, c.connect_fail)
-                overflow.add_metric(lv, c.overflow)
-            if dp.state == "offline":
-                continue
-            up.add_metric([t.mesh, t.dataplane], 1.0 if dp.state == "fresh" else 0.0)
-            if dp.scrape_duration is not None:
-                duration.add_metric([t.mesh, t.dataplane], dp.scrape_duration)
-            if dp.last_success is not None:
-                last_ok.add_metric([t.mesh, t.dataplane], dp.last_success)
-        yield from (conns, active, nbytes, blocked, fails, overflow, up, duration, last_ok)
-
-        window = GaugeMetricFamily("passguard_mesh_passthrough_connections_window",
-                                   "Passthrough connections inside the gate window",
-                                   labels=["mesh"])
-        states = GaugeMetricFamily("passguard_mesh_dataplanes", "Dataplanes by scrape state",
-                                   labels=["mesh", "state"])
-        for mesh in snap.meshes():
-            summary = mesh_summary(mesh, snap.for_mesh(mesh))
-            window.add_metric([mesh], summary["connections"])
-            for state in STATES:
-                states.add_metric([mesh, state], summary["dataplanes"][state])
-        yield window
-        yield states
 
 
 class DiscoveryCollector(Collector):
@@ -136,8 +72,8 @@ class Metrics:
 
     def __init__(self, snapshot: Callable[[], Snapshot],
                  sources: Callable[[], Sequence[object]] = list) -> None:
+        self.snapshot = SnapshotExposition(snapshot)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(snapshot))
         self.registry.register(DiscoveryCollector(sources))
         self.decisions = Counter("passguard_gate_decisions", "Gate decisions",
                                  ["mesh", "verdict", "mode"], registry=self.registry)
@@ -159,3 +95,21 @@ class Metrics:
         build = Gauge("passguard_build_info", "passguard version", ["version"],
                       registry=self.registry)
         build.labels(__version__).set(1)
+
+    async def exposition(self, accept: str) -> tuple[bytes, str]:
+        """The body and content type of ``GET /metrics`` for this Accept header."""
+        encoder, content_type = choose_encoder(accept)
+        fmt = Format(openmetrics=content_type.startswith("application/openmetrics-text"),
+                     escaping=_escaping(content_type))
+        dataplanes = await self.snapshot.get(fmt)
+        # Ours first: the OpenMetrics encoder ends its part with `# EOF`.
+        return dataplanes + encoder(self.registry), content_type
+
+
+def _escaping(content_type: str) -> str:
+    """The name escaping prometheus_client chose (it says so in the content type)."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key == "escaping":
+            return value
+    return UNDERSCORES

@@ -14,7 +14,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client.exposition import choose_encoder
 
 from passguard.audit import AuditEntry
 from passguard.config import parse_duration
@@ -291,9 +290,9 @@ def _parse_time(value: str) -> float:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    registry = request.app[DAEMON].metrics.registry
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    resp = web.Response(body=encoder(registry))
+    metrics = request.app[DAEMON].metrics
+    body, content_type = await metrics.exposition(request.headers.get("Accept", ""))
+    resp = web.Response(body=body)
     resp.headers["Content-Type"] = content_type
     return resp
 
