@@ -4,15 +4,25 @@ SQLite in WAL mode with ``synchronous=FULL``: once ``append`` returns, the
 entry survives a SIGKILL of the daemon and a power cut. It shares the state
 database file but has its own connection, so an audit write never waits for a
 scrape cycle's write to finish (WAL lets them proceed side by side).
+
+Requests record through ``record()``: a group commit. One writer thread takes
+every request waiting at that moment and writes them in one transaction, so
+one fsync (~1.2 ms on the development disk) serves many decisions instead of
+capping the gate at ~850 a second, and the event loop wakes once per batch
+instead of once per request. Each request still gets its answer only after
+its own entries are on disk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,39 +79,134 @@ class AuditEntry:
         }
 
 
+#: Requests written in one transaction at most (bounds a transaction's size).
+MAX_BATCH = 256
+
+_Row = tuple[Any, ...]
+_Waiter = tuple[list["AuditEntry"], asyncio.Future[None], asyncio.AbstractEventLoop]
+
+
+def _rows(entries: Iterable[AuditEntry]) -> list[_Row]:
+    return [(e.time, e.source, e.requester, e.mesh, e.mode, e.verdict, int(e.dry_run),
+             e.break_glass, json.dumps(e.reasons), json.dumps(e.documents),
+             json.dumps(e.evidence) if e.evidence is not None else None)
+            for e in entries]
+
+
+_Outcome = tuple[asyncio.Future[None], BaseException | None]
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    for fut, error in outcomes:
+        if fut.done():  # its request went away meanwhile
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
 class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Waiter | None] = queue.SimpleQueue()
+        # Guards only the writer's start and stop: record() takes it on the
+        # event loop, so it is never held across a disk write.
+        self._state = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._closed = False
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=5.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
 
-    def append(self, entries: Iterable[AuditEntry]) -> None:
+    def append(self, entries: Sequence[AuditEntry]) -> None:
         """Write all entries in one transaction; raise if that is impossible."""
-        rows = [(e.time, e.source, e.requester, e.mesh, e.mode, e.verdict, int(e.dry_run),
-                 e.break_glass, json.dumps(e.reasons), json.dumps(e.documents),
-                 json.dumps(e.evidence) if e.evidence is not None else None)
-                for e in entries]
+        self._write([(list(entries), _rows(entries))])
+
+    def _write(self, batch: Sequence[tuple[list[AuditEntry], list[_Row]]]) -> None:
+        """One transaction for every request of the batch: all are written or none."""
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                for row, entry in zip(rows, entries, strict=True):
-                    cur = db.execute("INSERT INTO audit (time, source, requester, mesh, mode, "
-                                     "verdict, dry_run, break_glass, reasons, documents, evidence)"
-                                     " VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-                    entry.id = cur.lastrowid
+                for entries, rows in batch:
+                    for row, entry in zip(rows, entries, strict=True):
+                        cur = db.execute(
+                            "INSERT INTO audit (time, source, requester, mesh, mode, verdict, "
+                            "dry_run, break_glass, reasons, documents, evidence)"
+                            " VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+                        entry.id = cur.lastrowid
                 db.execute("COMMIT")
             except BaseException:
                 # A failed COMMIT (disk full) has already rolled back: a second
                 # ROLLBACK would raise and hide the real cause.
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                for entries, _ in batch:
+                    for entry in entries:
+                        entry.id = None
                 raise
+
+    async def record(self, entries: list[AuditEntry]) -> None:
+        """``append`` through the group commit; returns once the entries are on disk."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._state:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the audit log is closed")
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run, name="audit-writer",
+                                                daemon=True)
+                self._writer.start()
+        self._queue.put((entries, fut, loop))
+        await fut
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            waiters = [first]
+            stop = False
+            while len(waiters) < MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                waiters.append(more)
+            self._commit(waiters)
+            if stop:
+                return
+
+    def _commit(self, waiters: list[_Waiter]) -> None:
+        outcome: dict[int, BaseException | None] = {}
+        batch = []
+        for i, (entries, _, _) in enumerate(waiters):
+            try:
+                batch.append((entries, _rows(entries)))
+            except Exception as exc:  # one request's entries cannot be written: only it fails
+                outcome[i] = exc
+        try:
+            if batch:
+                self._write(batch)
+        except Exception as exc:
+            error: BaseException | None = exc
+        else:
+            error = None
+        # One wake-up of each waiting loop for the whole batch.
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for i, (_, fut, loop) in enumerate(waiters):
+            by_loop.setdefault(loop, []).append((fut, outcome.get(i, error)))
+        for loop, outcomes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, outcomes)
 
     def query(self, since: float | None = None, mesh: str | None = None,
               verdict: str | None = None, limit: int = 100,
@@ -143,5 +248,11 @@ class AuditLog:
             return cur.rowcount
 
     def close(self) -> None:
+        """Finish the writes already queued, then close the database."""
+        with self._state:
+            writer, self._closed = self._writer, True
+        if writer is not None:
+            self._queue.put(None)
+            writer.join()
         with self._lock:
             self._db.close()

@@ -200,7 +200,7 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
                               mode=body["mode"], verdict=body["verdict"],
                               reasons=list(body["warnings"]), documents=[], dry_run=dry_run)]
     try:
-        await asyncio.to_thread(daemon.audit.append, entries)
+        await daemon.audit.record(entries)
     except Exception as exc:
         daemon.metrics.audit_failures.inc()
         log.error("audit log write failed: %s", exc)

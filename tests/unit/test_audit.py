@@ -1,0 +1,119 @@
+"""The audit group commit: many requests, one transaction, each answered only
+once its own entries are on disk; a failure fails exactly the requests it hit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from passguard import audit
+from passguard.audit import AuditEntry, AuditLog
+
+
+def entry(n: int, evidence: dict[str, Any] | None = None) -> AuditEntry:
+    return AuditEntry(source="check", requester="ci", mesh=f"m{n}", mode="enforce",
+                      verdict="allow", reasons=[f"r{n}"], documents=[], evidence=evidence)
+
+
+def rows(path: Path) -> list[tuple[int, str]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT id, mesh FROM audit ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def test_requests_waiting_together_share_one_transaction(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    log = AuditLog(tmp_path / "a.db")
+    batches: list[int] = []
+    first_started, release = threading.Event(), threading.Event()
+    real = AuditLog._write
+
+    def write(self: AuditLog, batch: Any) -> None:
+        batches.append(len(batch))
+        if len(batches) == 1:  # hold the first commit while 50 more requests queue up
+            first_started.set()
+            release.wait(10)
+        real(self, batch)
+
+    monkeypatch.setattr(AuditLog, "_write", write)
+
+    async def main() -> list[AuditEntry]:
+        first = entry(0)
+        t0 = asyncio.ensure_future(log.record([first]))
+        assert await asyncio.to_thread(first_started.wait, 10)
+        rest = [entry(n) for n in range(1, 51)]
+        waiting = [asyncio.ensure_future(log.record([e])) for e in rest]
+        await asyncio.sleep(0.05)
+        assert not any(w.done() for w in waiting)  # nothing answered before its commit
+        release.set()
+        await asyncio.gather(t0, *waiting)
+        return [first, *rest]
+
+    entries = asyncio.run(main())
+    log.close()
+    assert batches == [1, 50]
+    assert [e.id for e in entries] == list(range(1, 52))
+    assert rows(tmp_path / "a.db") == [(n + 1, f"m{n}") for n in range(51)]
+
+
+def test_a_failed_commit_fails_its_batch_and_the_next_one_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = AuditLog(tmp_path / "a.db")
+    real = AuditLog._write
+    calls = 0
+
+    def write(self: AuditLog, batch: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(self, batch)
+
+    monkeypatch.setattr(AuditLog, "_write", write)
+
+    async def main() -> None:
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            await log.record([entry(1)])
+        await log.record([entry(2)])
+
+    asyncio.run(main())
+    log.close()
+    assert rows(tmp_path / "a.db") == [(1, "m2")]
+
+
+def test_an_entry_that_cannot_be_serialised_fails_only_its_request(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.db")
+
+    async def main() -> list[BaseException | None]:
+        results = await asyncio.gather(
+            log.record([entry(1)]), log.record([entry(2, {"bad": {1, 2}})]),
+            log.record([entry(3)]), return_exceptions=True)
+        return list(results)
+
+    ok1, bad, ok3 = asyncio.run(main())
+    log.close()
+    assert ok1 is None and ok3 is None
+    assert isinstance(bad, TypeError) and "set" in str(bad)
+    assert [m for _, m in rows(tmp_path / "a.db")] == ["m1", "m3"]
+
+
+def test_close_finishes_queued_writes_and_refuses_new_ones(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "MAX_BATCH", 3)
+    log = AuditLog(tmp_path / "a.db")
+
+    async def main() -> None:
+        await asyncio.gather(*(log.record([entry(n)]) for n in range(10)))
+        await asyncio.to_thread(log.close)
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            await log.record([entry(99)])
+
+    asyncio.run(main())
+    assert len(rows(tmp_path / "a.db")) == 10
