@@ -42,10 +42,18 @@ class DataplaneEvidence:
     # Stale threshold of the source when it differs (a Prometheus scraping
     # less often than passguard); None: the snapshot's.
     stale_after: float | None = None
+    # Totals over all families, derived once: every gate request reads them
+    # for each dataplane of the mesh it decides on.
+    _connections: int = field(init=False, repr=False, compare=False)
+    _active: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_connections", sum(c.cx_total for c in self.window.values()))
+        object.__setattr__(self, "_active", sum(c.cx_active for c in self.latest.values()))
 
     @property
     def connections(self) -> int:
-        return sum(c.cx_total for c in self.window.values())
+        return self._connections
 
     @property
     def blocked_connections(self) -> int:
@@ -70,9 +78,13 @@ class DataplaneEvidence:
         return self.gap_reason or "evidence does not cover the window"
 
     def connections_in(self, families: frozenset[Family]) -> int:
+        if not self._connections or families.issuperset(self.window):
+            return self._connections
         return sum(c.cx_total for f, c in self.window.items() if f in families)
 
     def active_in(self, families: frozenset[Family]) -> int:
+        if not self._active or families.issuperset(self.latest):
+            return self._active
         return sum(c.cx_active for f, c in self.latest.items() if f in families)
 
 
@@ -90,8 +102,14 @@ class Snapshot:
     _by_mesh: dict[str, tuple[DataplaneEvidence, ...]] = field(
         init=False, repr=False, compare=False)
     _fresh_until: float = field(init=False, repr=False, compare=False)
+    _dests_by_mesh: dict[str, tuple[DestinationView, ...]] = field(
+        init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        dests: dict[str, list[DestinationView]] = {}
+        for dest in self.destinations:
+            dests.setdefault(dest.mesh, []).append(dest)
+        object.__setattr__(self, "_dests_by_mesh", {m: tuple(v) for m, v in dests.items()})
         by_mesh: dict[str, list[DataplaneEvidence]] = {}
         until = math.inf
         for d in self.dataplanes:
@@ -109,7 +127,7 @@ class Snapshot:
         return self._by_mesh.get(mesh, ())
 
     def destinations_of(self, mesh: str) -> tuple[DestinationView, ...]:
-        return tuple(d for d in self.destinations if d.mesh == mesh)
+        return self._dests_by_mesh.get(mesh, ())
 
     def at(self, now: float) -> Snapshot:
         """The snapshot as seen at ``now``: a dataplane whose last success is older
