@@ -93,11 +93,20 @@ class Scraper:
 
     async def cycle(self, targets: list[Target],
                     request_for: Callable[[Target], Request | None] | None = None,
-                    spread: float = 0.0) -> list[ScrapeResult]:
-        """Scrape every online target, the starts spread over ``spread`` seconds."""
+                    spread: float = 0.0,
+                    on_result: Callable[[ScrapeResult], None] | None = None
+                    ) -> list[ScrapeResult]:
+        """Scrape every online target, the starts spread over ``spread`` seconds;
+        ``on_result`` sees each result as soon as its scrape ends."""
+
+        async def one(t: Target) -> ScrapeResult:
+            result = await self.scrape(t, request_for(t) if request_for else None)
+            if on_result is not None:
+                on_result(result)
+            return result
+
         online = [t for t in targets if not t.offline]
-        return await paced(online, spread,
-                           lambda t: self.scrape(t, request_for(t) if request_for else None))
+        return await paced(online, spread, one)
 
     async def clusters_pass(self, targets: list[Target],
                             request_for: Callable[[Target], Request | None],

@@ -20,6 +20,9 @@ from passguard.targets import Target
 
 log = logging.getLogger(__name__)
 
+#: Dataplanes evaluated between two yields to the event loop (~3 ms of work).
+SLICE = 200
+
 
 class Store:
     def __init__(self, window: float, stale_after: float, db: StateDB | None = None,
@@ -65,20 +68,27 @@ class Store:
             self._removed.discard(key)
 
     def record(self, results: Iterable[ScrapeResult]) -> list[tuple[str, History, list[Segment]]]:
-        updates = []
-        for r in results:
-            h = self.histories.get(r.target.key)
-            if h is None:  # target removed while its scrape was in flight
-                continue
-            h.last_duration = r.duration
-            if r.reading is not None:
-                added = h.add(r.t, r.reading, self.stale_after)
-            else:
-                h.fail(r.t, r.error or "unknown error")
-                added = []
-            updates.append((r.target.key, h, added))
-        self.cycles += 1
+        """A whole cycle's results at once (the one-shot CLI check)."""
+        updates = [u for r in results if (u := self.record_one(r)) is not None]
+        self.finish_cycle()
         return updates
+
+    def record_one(self, r: ScrapeResult) -> tuple[str, History, list[Segment]] | None:
+        """One scrape result, as soon as it is in: the daemon records each when
+        its scrape ends, so a cycle's bookkeeping is spread like its scrapes."""
+        h = self.histories.get(r.target.key)
+        if h is None:  # target removed while its scrape was in flight
+            return None
+        h.last_duration = r.duration
+        if r.reading is not None:
+            added = h.add(r.t, r.reading, self.stale_after)
+        else:
+            h.fail(r.t, r.error or "unknown error")
+            added = []
+        return r.target.key, h, added
+
+    def finish_cycle(self) -> None:
+        self.cycles += 1
 
     def record_destinations(self, reads: Iterable[tuple[Target, float, list[EnvoyDestination]]]
                             ) -> list[tuple[str, Destination]]:
@@ -130,37 +140,54 @@ class Store:
         """``extra``: evidence computed elsewhere (the Prometheus source), kept
         from the last call when None; a dataplane passguard scrapes itself
         takes precedence over it."""
-        window_start = now - self.window
+        out = [self._evidence(key, target, now) for key, target in self.targets.items()]
+        return self._publish(now, out, extra)
+
+    async def build_snapshot_async(self, now: float,
+                                   extra: Iterable[DataplaneEvidence] | None = None
+                                   ) -> Snapshot:
+        """The same snapshot, handing the event loop back every ``SLICE``
+        dataplanes (1,000 of them take ~15 ms: gate requests must not wait).
+        Only the poller, which holds the cycle lock, changes the histories."""
         out = []
-        for key, target in self.targets.items():
-            h = self.histories[key]
-            res = h.since_start() if self.since_start else h.window(window_start,
-                                                                     self.stale_after)
-            state: State
-            if target.offline:
-                state = "offline"
-            elif h.last_error is not None:
-                # add() clears last_error: no clock comparison, so a wall-clock
-                # step backwards cannot make a failing proxy look fresh.
-                state = "failed"
-            elif h.last_success is None or now - h.last_success > self.stale_after:
-                state = "stale"
-            else:
-                state = "fresh"
-            last = h.last
-            out.append(DataplaneEvidence(
-                target=target, state=state, covered=res.covered, gap_reason=res.gap_reason,
-                window=res.connections, active_connections=h.active(),
-                latest=dict(last.families) if last else {},
-                uptime=last.uptime if last else None, last_success=h.last_success,
-                last_attempt=h.last_attempt, error=h.last_error, scrape_duration=h.last_duration,
-            ))
+        for i, (key, target) in enumerate(list(self.targets.items())):
+            if i and i % SLICE == 0:
+                await asyncio.sleep(0)
+            out.append(self._evidence(key, target, now))
+        return self._publish(now, out, extra)
+
+    def _evidence(self, key: str, target: Target, now: float) -> DataplaneEvidence:
+        h = self.histories[key]
+        res = h.since_start() if self.since_start else h.window(now - self.window,
+                                                                 self.stale_after)
+        state: State
+        if target.offline:
+            state = "offline"
+        elif h.last_error is not None:
+            # add() clears last_error: no clock comparison, so a wall-clock
+            # step backwards cannot make a failing proxy look fresh.
+            state = "failed"
+        elif h.last_success is None or now - h.last_success > self.stale_after:
+            state = "stale"
+        else:
+            state = "fresh"
+        last = h.last
+        return DataplaneEvidence(
+            target=target, state=state, covered=res.covered, gap_reason=res.gap_reason,
+            window=res.connections, active_connections=h.active(),
+            latest=dict(last.families) if last else {},
+            uptime=last.uptime if last else None, last_success=h.last_success,
+            last_attempt=h.last_attempt, error=h.last_error, scrape_duration=h.last_duration,
+        )
+
+    def _publish(self, now: float, out: list[DataplaneEvidence],
+                 extra: Iterable[DataplaneEvidence] | None) -> Snapshot:
         if extra is not None:
             self.extra = tuple(extra)
         out.extend(d for d in self.extra if d.target.key not in self.targets)
+        window_start = float("-inf") if self.since_start else now - self.window
         snap = Snapshot(now, None if self.since_start else self.window, self.stale_after,
                         tuple(out), ready=self.cycles > 0 or self.restored,
-                        destinations=self.book.views(
-                            float("-inf") if self.since_start else window_start))
+                        destinations=self.book.views(window_start))
         self.snapshot = snap
         return snap

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
+from passguard.envoy.stats import Counters, StatsReading
+from passguard.scraper import ScrapeResult
+from passguard.store import store as store_mod
 from passguard.store.snapshot import DataplaneEvidence, Snapshot
+from passguard.store.store import Store
 from passguard.targets import Target
 
 
@@ -28,3 +36,35 @@ def test_mesh_index() -> None:
     assert snap.meshes() == ["m", "n"]
     assert [d.target.dataplane for d in snap.for_mesh("m")] == ["a", "c"]
     assert snap.for_mesh("nope") == ()
+
+
+def test_snapshot_built_in_slices_equals_the_one_built_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon builds its snapshot handing the loop back every SLICE
+    dataplanes; the result must be the very same evidence."""
+    monkeypatch.setattr(store_mod, "SLICE", 3)
+    store = Store(900.0, 45.0)
+    targets = [Target(f"http://{i}", f"m{i % 2}", f"dp{i}") for i in range(10)]
+    store.set_targets(targets)
+    for k, t0 in enumerate((1000.0, 1015.0)):
+        for i, t in enumerate(targets):
+            reading = StatsReading(100.0 + 15 * k, {"ipv4": Counters(cx_total=i * k)})
+            error = "connection refused" if i == 7 and k == 1 else None
+            assert store.record_one(ScrapeResult(t, t0, 0.01, None if error else reading,
+                                                 error)) is not None
+        store.finish_cycle()
+    at_once = store.build_snapshot(1020.0)
+
+    async def sliced() -> tuple[Snapshot, int]:
+        task = asyncio.ensure_future(store.build_snapshot_async(1020.0))
+        turns = 0
+        while not task.done():
+            turns += 1
+            await asyncio.sleep(0)
+        return task.result(), turns
+
+    snap, turns = asyncio.run(sliced())
+    assert turns >= 3  # 10 dataplanes, 3 a slice
+    assert snap.dataplanes == at_once.dataplanes
+    assert snap.ready and [d.state for d in snap.dataplanes].count("failed") == 1
+    assert sum(d.connections for d in snap.dataplanes) == sum(range(10)) - 7
