@@ -146,6 +146,8 @@ class GateConfig:
 class LimitsConfig:
     max_body_bytes: int = 1024 * 1024
     keepalive_timeout: float = 75.0
+    # A client that sends its body slower than this gets 408 (slowloris).
+    body_timeout: float = 30.0
     documents: Limits = field(default_factory=Limits)
 
 
@@ -558,7 +560,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
 
     limits = defaults.limits
     lm = r.mapping(top.get("limits"), "limits",
-                   {"max_body_bytes", "max_documents", "max_depth", "keepalive_timeout"})
+                   {"max_body_bytes", "max_documents", "max_depth", "keepalive_timeout",
+                    "body_timeout"})
     if lm is not None and lm:
         body = r.size(lm["max_body_bytes"], "limits.max_body_bytes") \
             if "max_body_bytes" in lm else None
@@ -568,10 +571,13 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             if "max_depth" in lm else None
         keepalive = r.duration(lm["keepalive_timeout"], "limits.keepalive_timeout", 1.0) \
             if "keepalive_timeout" in lm else None
+        body_timeout = r.duration(lm["body_timeout"], "limits.body_timeout", 0.1) \
+            if "body_timeout" in lm else None
         dl = limits.documents
         limits = LimitsConfig(
             max_body_bytes=body or limits.max_body_bytes,
             keepalive_timeout=keepalive or limits.keepalive_timeout,
+            body_timeout=body_timeout or limits.body_timeout,
             documents=Limits(max_documents=docs or dl.max_documents,
                              max_depth=depth or dl.max_depth,
                              max_nodes=dl.max_nodes, max_scalar_bytes=dl.max_scalar_bytes),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from passguard.audit import AuditEntry
-from passguard.config import parse_duration
+from passguard.config import format_duration, parse_duration
 from passguard.errors import InputError
 from passguard.gate import admission, service
 from passguard.gate.decide import Evidence, decide
@@ -106,6 +106,26 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error(500, "internal error (logged)")
+
+
+async def _read_body(request: web.Request) -> bytes | web.Response:
+    """The request body, or a 408 for a client that sends it too slowly: a body
+    trickled a byte at a time would otherwise hold its connection forever."""
+    timeout = request.app[DAEMON].config.limits.body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        resp = _error(408, f"request body not received within {format_duration(timeout)} "
+                           "(limits.body_timeout)")
+        resp.force_close()
+        # Sent and closed here: left to aiohttp, the unread body would be
+        # drained ("lingering") for another 10 s at the client's pace.
+        await resp.prepare(request)
+        await resp.write_eof()
+        if request.transport is not None:
+            request.transport.close()
+        return resp
 
 
 def _snapshot(request: web.Request) -> Snapshot:
@@ -222,7 +242,9 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
 
 async def post_check(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    raw = await request.read()
+    raw = await _read_body(request)
+    if isinstance(raw, web.Response):
+        return raw
     # The whole header: the loader refuses a declared charset other than UTF-8.
     docs = load_documents(raw, request.headers.get("Content-Type"),
                           daemon.config.limits.documents)
@@ -233,7 +255,9 @@ async def post_check(request: web.Request) -> web.Response:
 async def post_admission(request: web.Request) -> web.Response:
     """The gate as a ValidatingAdmissionWebhook; 400 for a review it cannot read."""
     daemon = request.app[DAEMON]
-    raw = await request.read()
+    raw = await _read_body(request)
+    if isinstance(raw, web.Response):
+        return raw
     [review] = load_documents(raw, "application/json", daemon.config.limits.documents)[:1] or [None]
     req = admission.parse_review(review)
     # The API server checks passguard's certificate, not the other way round:

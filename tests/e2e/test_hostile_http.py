@@ -105,7 +105,8 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     })
     cfg = passguard_config(tmp_path, [envoy_target(fleet.base_url(0), "busy", "busy-1"),
                                       envoy_target(fleet.base_url(1), "idle", "idle-1")],
-                           interval="1s", timeout="800ms", window="1m")
+                           interval="1s", timeout="800ms", window="1m",
+                           limits={"body_timeout": "2s"})
     pg = Passguard(cfg, tmp_path)
     try:
         await asyncio.to_thread(pg.start)
@@ -370,10 +371,10 @@ async def _trickle(port: int, head: bytes, drip: bytes, seconds: float) -> bool:
 
 async def test_slow_clients_do_not_block_others(env: Env) -> None:
     """Slowloris: 50 connections trickling headers and 50 trickling a body, for
-    4 s. The daemon answers everyone else meanwhile and keeps scraping. It has
-    no header or body read timeout, so each of them is still open at the end
-    (docs/reliability.md: held until aiohttp's keep-alive deadline, about an
-    hour from the connect, for headers; without limit for a body)."""
+    4 s. The daemon answers everyone else meanwhile and keeps scraping. A body
+    not received within limits.body_timeout (2 s here) gets 408 and the
+    connection is closed; a head still being trickled is held until
+    limits.keepalive_timeout (75 s by default, armed at connect)."""
     head = b"POST /v1/check HTTP/1.1\r\nHost: x\r\n"
     body_head = (b"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/yaml\r\n"
                  b"Content-Length: 100000\r\n\r\n")
@@ -395,8 +396,26 @@ async def test_slow_clients_do_not_block_others(env: Env) -> None:
     assert max(latencies) < 1.0, latencies
     status, view = await env.get("/v1/meshes/idle")
     assert status == 200 and view["dataplanes"][0]["state"] == "fresh"
-    # What the daemon does today (a finding, see the module docstring): no read timeout.
-    assert all(held), held
+    assert all(held[:50]), held[:50]  # heads: within keepalive_timeout
+    assert not any(held[50:]), held[50:]  # bodies: cut at body_timeout
+
+
+async def test_a_body_sent_too_slowly_gets_408(env: Env) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    try:
+        writer.write(b"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/yaml"
+                     b"\r\nContent-Length: 1000\r\n\r\ntype: Mesh\n")
+        await writer.drain()
+        start = time.monotonic()
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # until the server closes
+        waited = time.monotonic() - start
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"limits.body_timeout" in answer and waited >= 1.5, (waited, answer[-200:])
 
 
 async def test_many_idle_connections(env: Env) -> None:

@@ -64,6 +64,7 @@ def errors_of(text: str, tmp_path: Path) -> list[str]:
     ("sources: [{kind: kuma, url: 'https://cp:5682', stats: grpc}]",
      "sources[0].stats: must be one of inspect, kuma-dp"),
     ("listen: 0.0.0.0:9110", "listen: 0.0.0.0:9110 is not a loopback address"),
+    ("limits: {body_timeout: 10ms}", "limits.body_timeout: must be at least 0.1s"),
     ("scrape: {spread: fast}", "scrape.spread: 'fast' is not a duration"),
     ("scrape: {spread: 5}", "scrape.spread: must be 'auto' or a duration like '5s', got a number"),
     ("scrape: {interval: 15s, timeout: 5s, spread: 11s}",
