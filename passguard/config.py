@@ -561,7 +561,7 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
     limits = defaults.limits
     lm = r.mapping(top.get("limits"), "limits",
                    {"max_body_bytes", "max_documents", "max_depth", "keepalive_timeout",
-                    "body_timeout"})
+                    "body_timeout", "max_nodes", "max_scalar_bytes"})
     if lm is not None and lm:
         body = r.size(lm["max_body_bytes"], "limits.max_body_bytes") \
             if "max_body_bytes" in lm else None
@@ -573,6 +573,10 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             if "keepalive_timeout" in lm else None
         body_timeout = r.duration(lm["body_timeout"], "limits.body_timeout", 0.1) \
             if "body_timeout" in lm else None
+        nodes = r.integer(lm["max_nodes"], "limits.max_nodes", 100, 100_000_000) \
+            if "max_nodes" in lm else None
+        scalar = r.size(lm["max_scalar_bytes"], "limits.max_scalar_bytes") \
+            if "max_scalar_bytes" in lm else None
         dl = limits.documents
         limits = LimitsConfig(
             max_body_bytes=body or limits.max_body_bytes,
@@ -580,7 +584,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             body_timeout=body_timeout or limits.body_timeout,
             documents=Limits(max_documents=docs or dl.max_documents,
                              max_depth=depth or dl.max_depth,
-                             max_nodes=dl.max_nodes, max_scalar_bytes=dl.max_scalar_bytes),
+                             max_nodes=nodes or dl.max_nodes,
+                             max_scalar_bytes=scalar or dl.max_scalar_bytes),
         )
 
     auth = _auth(top.get("auth"), base_dir, r)

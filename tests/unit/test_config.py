@@ -85,6 +85,15 @@ def test_all_errors_reported_at_once(tmp_path: Path) -> None:
     assert len(errs) == 3
 
 
+def test_document_limits(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("limits: {max_nodes: 5000, max_scalar_bytes: 1KiB, max_depth: 8}\n")
+    docs = config.load(p).limits.documents
+    assert (docs.max_nodes, docs.max_scalar_bytes, docs.max_depth) == (5000, 1024, 8)
+    assert "limits.max_nodes: must be between 100 and 100000000, got 5" in errors_of(
+        "limits: {max_nodes: 5}", tmp_path)
+
+
 def test_spread(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("scrape: {spread: 0s}\ndestinations: {spread: 20s}\n")
