@@ -1,9 +1,12 @@
 """The audit log: every gate decision, written before the answer is sent.
 
 SQLite in WAL mode with ``synchronous=FULL``: once ``append`` returns, the
-entry survives a SIGKILL of the daemon and a power cut. It shares the state
-database file but has its own connection, so an audit write never waits for a
-scrape cycle's write to finish (WAL lets them proceed side by side).
+entry survives a SIGKILL of the daemon and a power cut. It has a database file
+of its own next to the state database (``audit_path``): SQLite allows one
+writer per file, WAL or not, so in the same file every decision waited for a
+scrape cycle's write (and its checkpoint) to finish, tens of milliseconds
+under load and up to the 5 s busy timeout on a slow disk. An audit table left
+in the state database by an older passguard is moved over at start.
 
 Requests record through ``record()``: a group commit. One writer thread takes
 every request waiting at that moment and writes them in one transaction, so
@@ -79,6 +82,16 @@ class AuditEntry:
         }
 
 
+# Rows of the old table not already here, by content (constant SQL).
+_MERGE = (
+    "INSERT INTO main.audit (time, source, requester, mesh, mode, verdict, dry_run, "
+    "break_glass, reasons, documents, evidence) SELECT time, source, requester, mesh, mode, "
+    "verdict, dry_run, break_glass, reasons, documents, evidence FROM legacy.audit AS l "
+    "WHERE NOT EXISTS (SELECT 1 FROM main.audit AS m WHERE m.time = l.time AND "
+    "m.source = l.source AND m.requester = l.requester AND m.verdict = l.verdict AND "
+    "m.reasons = l.reasons AND m.documents = l.documents) ORDER BY l.id"
+)
+
 #: Requests written in one transaction at most (bounds a transaction's size).
 MAX_BATCH = 256
 
@@ -106,8 +119,15 @@ def _settle(outcomes: list[_Outcome]) -> None:
             fut.set_exception(error)
 
 
+def audit_path(state_path: Path) -> Path:
+    """``/var/lib/passguard/state.db`` → ``/var/lib/passguard/state-audit.db``."""
+    return state_path.with_name(f"{state_path.stem}-audit{state_path.suffix}")
+
+
 class AuditLog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, legacy: Path | None = None) -> None:
+        """``legacy``: a database that may hold an ``audit`` table from before
+        the audit had its own file; its entries are moved here."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -122,6 +142,36 @@ class AuditLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if legacy is not None and legacy.exists():
+            self._migrate(legacy)
+
+    def _migrate(self, legacy: Path) -> None:
+        """Copy, then drop, each its own transaction. Into an empty audit the
+        rows go with their ids; otherwise (a crash between copy and drop, or a
+        downgrade that wrote to the old table again) only rows not already
+        here, compared by content, are added, with new ids. So a repeated move
+        duplicates nothing and an entry is never lost."""
+        db = self._db
+        db.execute("ATTACH DATABASE ? AS legacy", (str(legacy),))
+        try:
+            found = db.execute("SELECT 1 FROM legacy.sqlite_master WHERE type = 'table' "
+                               "AND name = 'audit'").fetchone()
+            if found is None:
+                return
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if db.execute("SELECT 1 FROM main.audit LIMIT 1").fetchone() is None:
+                    db.execute("INSERT INTO main.audit SELECT * FROM legacy.audit")
+                else:
+                    db.execute(_MERGE)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("DROP TABLE legacy.audit")
+        finally:
+            db.execute("DETACH DATABASE legacy")
 
     def append(self, entries: Sequence[AuditEntry]) -> None:
         """Write all entries in one transaction; raise if that is impossible."""

@@ -82,7 +82,8 @@ class Metrics:
         for outcome in ("success", "failure"):
             self.reloads.labels(outcome)
         self.cycle_seconds = Gauge("passguard_scrape_cycle_duration_seconds",
-                                   "Wall time of the last complete scrape cycle",
+                                   "Wall time of the last complete scrape cycle, "
+                                   "scrape.spread included",
                                    registry=self.registry)
         self.persist_failures = Counter("passguard_state_write_failures",
                                         "Scrape cycles whose evidence could not be written "

@@ -42,6 +42,7 @@ from typing import Any
 import pytest
 
 from bench.fleet import assign_patterns, parse_mix
+from passguard.audit import audit_path
 from passguard.gate.documents import digest
 from tests.faults.harness import check, dataplanes, new_daemon, target
 from tests.faults.hostile import HostileProxies
@@ -172,6 +173,7 @@ def test_sigkill_under_load_loses_nothing(fleet_url: str, tmp_path: Path) -> Non
                 pg.send_signal(signal.SIGKILL)
                 assert pg.wait(10) == -signal.SIGKILL
                 check_ok = integrity(state)
+                assert integrity(audit_path(state)) == "ok"
                 restart = time.monotonic()
                 pg.start()
                 ready_after = time.monotonic() - restart
@@ -189,7 +191,8 @@ def test_sigkill_under_load_loses_nothing(fleet_url: str, tmp_path: Path) -> Non
     finally:
         pg.close()
     assert integrity(state) == "ok"
-    db = sqlite3.connect(state)
+    assert integrity(audit_path(state)) == "ok"
+    db = sqlite3.connect(audit_path(state))
     try:
         rows = db.execute("SELECT documents, mesh, verdict FROM audit WHERE source = 'check'")
         audited = {json.loads(docs)[0]["digest"]: (mesh, v) for docs, mesh, v in rows

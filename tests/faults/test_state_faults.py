@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from passguard.app import Daemon
+from passguard.audit import audit_path
 
 from .conftest import DaemonFactory
 from .harness import api, check, dataplanes, healthy, metrics, new_daemon, target
@@ -237,9 +238,12 @@ async def test_evidence_of_a_failed_write_survives_a_restart(
 
 async def test_locked_database(make_daemon: DaemonFactory, hostile: HostileProxies,
                                tmp_path: Path) -> None:
-    """Another process holds the write lock (``BEGIN EXCLUSIVE``): each write
-    waits SQLite's busy timeout (5 s), then fails and is counted; scraping,
-    /-/healthy and the gate keep going meanwhile (the waits are in threads)."""
+    """Another process holds the write lock (``BEGIN EXCLUSIVE``) of the state
+    database: the cycle's write waits SQLite's busy timeout (5 s), then fails
+    and is counted; scraping, /-/healthy and the gate keep going meanwhile, and
+    decisions are audited at once (the audit has a file of its own). Then the
+    audit file is locked: a decision waits the busy timeout and, unrecorded,
+    becomes a deny that says why."""
     d = await make_daemon(_sources(hostile))
     await d.cycle()
     holder = sqlite3.connect(tmp_path / "state.db", isolation_level=None, timeout=1)
@@ -248,21 +252,32 @@ async def test_locked_database(make_daemon: DaemonFactory, hostile: HostileProxi
         hostile.control("busy-1", cx_total=4)
         start = time.monotonic()
         cycle = asyncio.create_task(d.cycle())
-        idle = asyncio.create_task(check(d, "idle"))
         await asyncio.sleep(0.5)
-        # Still answering while both writes wait for the lock.
+        # Still answering, and deciding, while the cycle's write waits.
         assert await healthy(d)
         status, _ = await api(d, "GET", "/v1/meshes")
         assert status == 200
+        body = await check(d, "idle")
+        assert body["verdict"] == "allow" and not body["warnings"], body
+        assert time.monotonic() - start < 4.0
         await cycle
-        body = await idle
         waited = time.monotonic() - start
         assert 4.0 < waited < 9.0, waited
+        assert await _failures(d) == (1.0, 0.0)
+        # The scrape itself was recorded in memory.
+        assert (await dataplanes(d, "busy"))["busy-1"]["connections"] == 4
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    holder = sqlite3.connect(audit_path(tmp_path / "state.db"), isolation_level=None, timeout=1)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        start = time.monotonic()
+        body = await check(d, "idle")
+        assert 4.0 < time.monotonic() - start < 9.0
         assert body["verdict"] == "deny"
         assert any("database is locked" in w for w in body["warnings"]), body["warnings"]
         assert await _failures(d) == (1.0, 1.0)
-        # The scrape itself was recorded in memory.
-        assert (await dataplanes(d, "busy"))["busy-1"]["connections"] == 4
     finally:
         holder.execute("ROLLBACK")
         holder.close()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from passguard import audit
-from passguard.audit import AuditEntry, AuditLog
+from passguard.audit import AuditEntry, AuditLog, audit_path
 
 
 def entry(n: int, evidence: dict[str, Any] | None = None) -> AuditEntry:
@@ -117,3 +117,59 @@ def test_close_finishes_queued_writes_and_refuses_new_ones(tmp_path: Path,
 
     asyncio.run(main())
     assert len(rows(tmp_path / "a.db")) == 10
+
+
+def _old_layout(state: Path, *meshes: int) -> None:
+    old = AuditLog(state)  # before: the audit table inside the state file
+    for n in meshes:
+        old.append([entry(n)])
+    old.close()
+
+
+def _tables(path: Path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    finally:
+        db.close()
+
+
+def test_an_audit_table_in_the_state_database_is_moved_to_its_own_file(
+        tmp_path: Path) -> None:
+    state = tmp_path / "state.db"
+    assert audit_path(state) == tmp_path / "state-audit.db"
+    _old_layout(state, 1, 2)
+    log = AuditLog(audit_path(state), legacy=state)
+    asyncio.run(log.record([entry(3)]))
+    log.close()
+    assert rows(audit_path(state)) == [(1, "m1"), (2, "m2"), (3, "m3")]
+    assert "audit" not in _tables(state)
+    AuditLog(audit_path(state), legacy=state).close()  # nothing left: no change
+    assert rows(audit_path(state)) == [(1, "m1"), (2, "m2"), (3, "m3")]
+
+
+def test_a_move_repeated_after_a_crash_duplicates_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state.db"
+    _old_layout(state, 1, 2)
+    AuditLog(audit_path(state)).close()
+    db = sqlite3.connect(audit_path(state))  # the copy committed, the drop not
+    db.execute("ATTACH DATABASE ? AS legacy", (str(state),))
+    db.execute("INSERT INTO main.audit SELECT * FROM legacy.audit")
+    db.commit()
+    db.close()
+    AuditLog(audit_path(state), legacy=state).close()
+    assert rows(audit_path(state)) == [(1, "m1"), (2, "m2")]
+    assert "audit" not in _tables(state)
+
+
+def test_entries_an_old_version_wrote_after_the_move_are_kept(tmp_path: Path) -> None:
+    """A downgrade writes to the old table again; the next upgrade keeps both
+    sets, although their ids collide."""
+    state = tmp_path / "state.db"
+    new = AuditLog(audit_path(state))
+    new.append([entry(1)])
+    new.append([entry(2)])
+    new.close()
+    _old_layout(state, 7, 8)  # ids 1 and 2 as well
+    AuditLog(audit_path(state), legacy=state).close()
+    assert rows(audit_path(state)) == [(1, "m1"), (2, "m2"), (3, "m7"), (4, "m8")]
