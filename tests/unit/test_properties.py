@@ -652,3 +652,58 @@ def test_clusters_pattern_valid_alone_but_not_inside_the_parsers(pattern: str) -
 def test_config_malformed_ipv6_url(source: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         build({"sources": [source]})
+
+
+# --------------------------------------------------------------------------- JSON fast paths
+
+# Text as a strict UTF-8 body can carry it: no lone surrogates (those only come
+# from \u escapes, which json.dumps writes for them with ensure_ascii).
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6)
+    | st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=0x10FFFF,
+                                     exclude_categories=("Cs",)), max_size=12),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=30)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_json_values, st.booleans(), st.integers(1, 40), st.integers(1, 60),
+       st.integers(1, 12))
+# At the edges of each shortcut: 4-byte characters just past the scalar
+# limit, brackets just past the depth, keys just past the node count.
+@example(["\U0001F600\U0001F600"], False, 40, 9, 12)
+@example([[[[]]]], True, 40, 60, 3)
+@example({"a": 1, "b": 2, "c": 3}, True, 6, 60, 12)
+def test_json_fast_paths_never_change_the_outcome(value: object, ascii_only: bool,
+                                                  max_nodes: int, max_scalar: int,
+                                                  max_depth: int) -> None:
+    """The loader skips its depth scan and its node/string walk when a body is
+    too small for them to find anything; with small limits, the skipping and
+    the full checks must agree on every body (errors included)."""
+    from passguard.gate import loader
+
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    limits = loader.Limits(max_documents=5, max_depth=max_depth, max_nodes=max_nodes,
+                           max_scalar_bytes=max_scalar)
+
+    def outcome(fast: bool) -> str:
+        try:
+            if fast:
+                loader._json_depth_check(text, limits)
+                loader._json_walk(value, limits, text)
+            else:
+                depth, deepest = 0, 0
+                for m in loader._JSON_TOKEN.finditer(text):
+                    tok = m.group()
+                    depth += tok in ("[", "{")
+                    deepest = max(deepest, depth)
+                    depth -= tok in ("]", "}")
+                if deepest > limits.max_depth:
+                    return "depth"
+                loader._json_walk(value, limits)
+        except loader.InputError as exc:
+            return "depth" if "nests deeper" in str(exc) else str(exc)
+        return "ok"
+
+    assert outcome(True) == outcome(False)
