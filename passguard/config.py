@@ -333,6 +333,39 @@ def parse_listen(value: str) -> Listen:
     return Listen(host, port)
 
 
+_RE2_UNSUPPORTED = (("(?<=", "a lookbehind"), ("(?<!", "a lookbehind"),
+                    ("(?=", "a lookahead"), ("(?!", "a lookahead"), ("(?>", "an atomic group"),
+                    ("(?(", "a conditional group"), ("(?P=", "a backreference"))
+
+
+def _not_re2(pattern: str) -> str | None:
+    """The first construct Python's ``re`` accepts and RE2 does not, or None.
+    Escapes and character classes are skipped, where these are literals."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            if not in_class and pattern[i + 1:i + 2] in tuple("123456789"):
+                return "a backreference"
+            i += 2
+            continue
+        if in_class:
+            # `]` right after `[` or `[^` is a literal, not the end.
+            if c == "]" and pattern[i - 1] != "[" and pattern[i - 2:i] != "[^":
+                in_class = False
+        elif c == "[":
+            in_class = True
+        else:
+            for token, name in _RE2_UNSUPPORTED:
+                if pattern.startswith(token, i):
+                    return name
+            quantifier = c in "*+}" or (c == "?" and pattern[i - 1:i] != "(")
+            if quantifier and pattern[i + 1:i + 2] == "+":
+                return "a possessive quantifier"
+        i += 1
+    return None
+
+
 def _check_clusters_pattern(pattern: str) -> str | None:
     """The pattern is embedded in every parser and in Envoy's filter: build
     them all now, so a pattern that breaks one is refused here with the reason
@@ -348,6 +381,9 @@ def _check_clusters_pattern(pattern: str) -> str | None:
     if "(?P<" in pattern or re.search(r"\(\?[aiLmsux]+\)", pattern):
         return ("must not use named groups or global inline flags (it is embedded in larger "
                 "expressions); use (?:...) groups")
+    if (construct := _not_re2(pattern)) is not None:
+        return (f"uses {construct}, which Envoy's regular expressions (RE2) do not support: "
+                "Envoy would refuse the /stats filter and every scrape would fail")
     try:
         StatsParser(pattern)
         PromStatsParser(pattern)
