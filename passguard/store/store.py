@@ -38,6 +38,7 @@ class Store:
         self._removed: set[str] = set()
         # Segments not yet in the database (a failed write keeps them here).
         self._unsaved: dict[str, tuple[History, list[Segment]]] = {}
+        self._unsaved_dests: dict[tuple[str, str], tuple[str, Destination]] = {}
         self.restored = False
         self.cycles = 0
         self.extra: tuple[DataplaneEvidence, ...] = ()
@@ -103,9 +104,26 @@ class Store:
 
     async def persist_destinations(self, changed: list[tuple[str, Destination]],
                                    now: float) -> None:
+        """Write what changed, plus what an earlier failed write left behind:
+        a pass only reports what changed in it, so without the backlog a
+        destination seen while the disk was full would never reach it."""
         self.book.prune(self.prune_before(now))
-        if self.db is not None and changed:
-            await asyncio.to_thread(self.db.save_destinations, changed)
+        if self.db is None:
+            return
+        for key, d in changed:
+            self._unsaved_dests[(key, d.address)] = (key, d)
+        # The objects are the live ones: each is written in its latest state.
+        batch = [(key, d) for (key, _), (_, d) in self._unsaved_dests.items()
+                 if key in self.book.items]
+        self._unsaved_dests.clear()
+        if not batch:
+            return
+        try:
+            await asyncio.to_thread(self.db.save_destinations, batch)
+        except BaseException:
+            for key, d in batch:
+                self._unsaved_dests.setdefault((key, d.address), (key, d))
+            raise
 
     def prune_before(self, now: float) -> float:
         # One extra stale threshold: a segment straddling the window start

@@ -1,0 +1,91 @@
+"""Store persistence backlogs: what a failed write could not save is saved by
+the next one, even when nothing about it changed in between."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from passguard.envoy.clusters import Destination as Seen
+from passguard.store.persistence import StateDB
+from passguard.store.store import Store
+from passguard.targets import Target
+
+
+def saved(path: Path) -> dict[str, int]:
+    db = sqlite3.connect(path)
+    try:
+        return dict(db.execute("SELECT address, connections FROM destinations").fetchall())
+    finally:
+        db.close()
+
+
+def test_destinations_of_a_failed_write_reach_the_disk_with_the_next_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = StateDB(tmp_path / "state.db")
+    store = Store(900.0, 45.0, db)
+    a, b = Target("http://a", "m", "dp-a"), Target("http://b", "m", "dp-b")
+    store.set_targets([a, b])
+    real = StateDB.save_destinations
+    calls = 0
+
+    def flaky(self: StateDB, changed: object, removed: object = ()) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(self, changed, removed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StateDB, "save_destinations", flaky)
+
+    async def main() -> None:
+        first = store.record_destinations([
+            (a, 100.0, [Seen("93.184.216.34:443", "ipv4", 5, 1)]),
+            (b, 100.0, [Seen("10.9.9.9:5432", "ipv4", 2, 0)])])
+        with pytest.raises(sqlite3.OperationalError):
+            await store.persist_destinations(first, 100.0)
+        # The next pass reads dp-a only (dp-b's /clusters failed): dp-b's
+        # destination is in no pass's changes, and dp-a's count must be the
+        # newest, not the one of the failed write.
+        second = store.record_destinations([
+            (a, 160.0, [Seen("93.184.216.34:443", "ipv4", 8, 0)])])
+        await store.persist_destinations(second, 160.0)
+
+    asyncio.run(main())
+    db.close()
+    assert saved(tmp_path / "state.db") == {"93.184.216.34:443": 8, "10.9.9.9:5432": 2}
+
+
+def test_a_removed_dataplane_leaves_nothing_in_the_backlog(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = StateDB(tmp_path / "state.db")
+    store = Store(900.0, 45.0, db)
+    a, b = Target("http://a", "m", "dp-a"), Target("http://b", "m", "dp-b")
+    store.set_targets([a, b])
+    real = StateDB.save_destinations
+    fail = True
+
+    def flaky(self: StateDB, changed: object, removed: object = ()) -> None:
+        if fail:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(self, changed, removed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StateDB, "save_destinations", flaky)
+
+    async def main() -> None:
+        nonlocal fail
+        first = store.record_destinations([
+            (a, 100.0, [Seen("93.184.216.34:443", "ipv4", 5, 0)]),
+            (b, 100.0, [Seen("10.9.9.9:5432", "ipv4", 2, 0)])])
+        with pytest.raises(sqlite3.OperationalError):
+            await store.persist_destinations(first, 100.0)
+        store.set_targets([a])  # dp-b is gone
+        fail = False
+        await store.persist_destinations([], 160.0)
+
+    asyncio.run(main())
+    db.close()
+    assert saved(tmp_path / "state.db") == {"93.184.216.34:443": 5}
