@@ -1,6 +1,6 @@
 """The audit log: every gate decision, written before the answer is sent.
 
-SQLite in WAL mode with ``synchronous=FULL``: once ``append`` returns, the
+SQLite in WAL mode with ``synchronous=FULL``: once ``record`` returns, the
 entry survives a SIGKILL of the daemon and a power cut. It has a database file
 of its own next to the state database (``audit_path``): SQLite allows one
 writer per file, WAL or not, so in the same file every decision waited for a
@@ -173,10 +173,6 @@ class AuditLog:
         finally:
             db.execute("DETACH DATABASE legacy")
 
-    def append(self, entries: Sequence[AuditEntry]) -> None:
-        """Write all entries in one transaction; raise if that is impossible."""
-        self._write([(list(entries), _rows(entries))])
-
     def _write(self, batch: Sequence[tuple[list[AuditEntry], list[_Row]]]) -> None:
         """One transaction for every request of the batch: all are written or none."""
         with self._lock:
@@ -202,7 +198,8 @@ class AuditLog:
                 raise
 
     async def record(self, entries: list[AuditEntry]) -> None:
-        """``append`` through the group commit; returns once the entries are on disk."""
+        """Write the entries through the group commit; returns once they are on disk
+        (one transaction for them, shared with the requests waiting alongside)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         with self._state:

@@ -119,11 +119,15 @@ def test_close_finishes_queued_writes_and_refuses_new_ones(tmp_path: Path,
     assert len(rows(tmp_path / "a.db")) == 10
 
 
-def _old_layout(state: Path, *meshes: int) -> None:
-    old = AuditLog(state)  # before: the audit table inside the state file
+def _write(path: Path, *meshes: int) -> None:
+    log = AuditLog(path)
     for n in meshes:
-        old.append([entry(n)])
-    old.close()
+        asyncio.run(log.record([entry(n)]))
+    log.close()
+
+
+def _old_layout(state: Path, *meshes: int) -> None:
+    _write(state, *meshes)  # before: the audit table inside the state file
 
 
 def _tables(path: Path) -> list[str]:
@@ -166,10 +170,7 @@ def test_entries_an_old_version_wrote_after_the_move_are_kept(tmp_path: Path) ->
     """A downgrade writes to the old table again; the next upgrade keeps both
     sets, although their ids collide."""
     state = tmp_path / "state.db"
-    new = AuditLog(audit_path(state))
-    new.append([entry(1)])
-    new.append([entry(2)])
-    new.close()
+    _write(audit_path(state), 1, 2)
     _old_layout(state, 7, 8)  # ids 1 and 2 as well
     AuditLog(audit_path(state), legacy=state).close()
     assert rows(audit_path(state)) == [(1, "m1"), (2, "m2"), (3, "m7"), (4, "m8")]

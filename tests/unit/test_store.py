@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,23 +24,32 @@ def saved(path: Path) -> dict[str, int]:
         db.close()
 
 
+def fail_saves_while(monkeypatch: pytest.MonkeyPatch, failing: Callable[[], bool]) -> None:
+    """save_destinations raises a full-disk error while ``failing()`` says so."""
+    real = StateDB.save_destinations
+
+    def flaky(self: StateDB, changed: object, removed: object = ()) -> None:
+        if failing():
+            raise sqlite3.OperationalError("database or disk is full")
+        real(self, changed, removed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StateDB, "save_destinations", flaky)
+
+
 def test_destinations_of_a_failed_write_reach_the_disk_with_the_next_pass(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     db = StateDB(tmp_path / "state.db")
     store = Store(900.0, 45.0, db)
     a, b = Target("http://a", "m", "dp-a"), Target("http://b", "m", "dp-b")
     store.set_targets([a, b])
-    real = StateDB.save_destinations
     calls = 0
 
-    def flaky(self: StateDB, changed: object, removed: object = ()) -> None:
+    def first_call() -> bool:
         nonlocal calls
         calls += 1
-        if calls == 1:
-            raise sqlite3.OperationalError("database or disk is full")
-        real(self, changed, removed)  # type: ignore[arg-type]
+        return calls == 1
 
-    monkeypatch.setattr(StateDB, "save_destinations", flaky)
+    fail_saves_while(monkeypatch, first_call)
 
     async def main() -> None:
         first = store.record_destinations([
@@ -65,15 +75,8 @@ def test_a_removed_dataplane_leaves_nothing_in_the_backlog(
     store = Store(900.0, 45.0, db)
     a, b = Target("http://a", "m", "dp-a"), Target("http://b", "m", "dp-b")
     store.set_targets([a, b])
-    real = StateDB.save_destinations
     fail = True
-
-    def flaky(self: StateDB, changed: object, removed: object = ()) -> None:
-        if fail:
-            raise sqlite3.OperationalError("database or disk is full")
-        real(self, changed, removed)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(StateDB, "save_destinations", flaky)
+    fail_saves_while(monkeypatch, lambda: fail)
 
     async def main() -> None:
         nonlocal fail
