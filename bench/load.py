@@ -135,6 +135,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> tuple[int, int, int]:
+    """Jiffies of the whole machine from /proc/stat: (busy, steal, total). Steal is
+    time the hypervisor gave our virtual CPUs to someone else: a run with steal
+    was measured on a machine it did not have."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    steal = fields[7] if len(fields) > 7 else 0
+    # guest time is already counted in user/nice: leave fields 8, 9 out.
+    total = sum(fields[:8])
+    return total - idle - steal, steal, total
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -546,6 +558,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 pids = {"passguard": setup.passguard.pid, "fleet": setup.fleet.pid}
                 cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 client0, wall0 = time.process_time(), time.monotonic()
+                machine0 = machine_cpu()
                 # As a Prometheus would, twice per scrape interval: often enough to
                 # see every cycle, rarely enough to be a realistic load.
                 every = args.metrics_every or args.interval / 2
@@ -563,12 +576,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 wall = time.monotonic() - wall0
                 cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
                 cpu["client"] = time.process_time() - client0
+                machine1 = machine_cpu()
                 result = summarize(rate, args.duration, samples, late, seen, cpu, wall,
                                    args.interval)
                 if args.samples:
                     _write_samples(Path(args.samples), rate, samples, append=k > 0)
                 # Other work on the machine skews every figure: say how busy it was.
                 result["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                result.update(machine_share(machine0, machine1, cpu, wall))
                 result["passguard_rss_hwm_mb"] = round(
                     memory_mb(setup.passguard.pid).get("VmHWM", float("nan")), 1)
                 runs.append(result)
@@ -597,6 +612,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def machine_share(before: tuple[int, int, int], after: tuple[int, int, int],
+                  cpu: dict[str, float], wall: float) -> dict[str, float]:
+    """Steal, and the CPU that processes outside the bench used, in % of one
+    CPU over the run: both are load the figures did not ask for."""
+    busy, steal, total = (b - a for a, b in zip(before, after, strict=True))
+    tick = os.sysconf("SC_CLK_TCK")
+    ours = sum(cpu.values())
+    return {"steal_cpu_percent": round(100 * steal / tick / wall, 1),
+            "other_cpu_percent": round(max(0.0, 100 * (busy / tick - ours) / wall), 1),
+            "machine_busy_percent": round(100 * busy / total, 1) if total else 0.0}
+
+
 def _write_samples(path: Path, rate: float, samples: list[Sample], append: bool) -> None:
     """One CSV line per request: times in seconds from the first request's due time."""
     t0 = min((s.due for s in samples), default=0.0)
@@ -616,7 +643,8 @@ def _line(r: dict[str, Any]) -> str:
             f"scrape cycle max {r['max_scrape_cycle_seconds']} s over "
             f"{r['scrape_cycles_seen']} cycles, max gap {r['max_cycle_gap_seconds']} s; "
             f"CPU passguard {r['passguard_cpu_percent']}% fleet {r['fleet_cpu_percent']}% "
-            f"client {r['client_cpu_percent']}%; RSS passguard {r['passguard_rss_max_mb']} MiB")
+            f"client {r['client_cpu_percent']}% other {r.get('other_cpu_percent')}% "
+            f"steal {r.get('steal_cpu_percent')}%; RSS passguard {r['passguard_rss_max_mb']} MiB")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
