@@ -17,8 +17,9 @@ interval).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,24 +46,55 @@ async def paced(items: Sequence[T], spread: float,
                 run: Callable[[T], Awaitable[R]]) -> list[R]:
     """``run(item)`` for every item, started evenly over ``spread`` seconds.
 
-    Results come back in the order of ``items``. Cancelling this cancels the
-    runs already started (a stop mid-cycle leaves nothing behind).
+    Results come back in the order of ``items``. The first run that raises
+    (or is cancelled) ends the pass with that error, as ``asyncio.gather``
+    would; cancelling this cancels the runs already started (a stop
+    mid-cycle leaves nothing behind).
+
+    Each run reports its end through a callback attached when it starts, so
+    the ends are as spread as the starts. ``gather`` over the 1,000 tasks at
+    the end attached 1,000 callbacks at once; the ~990 tasks already done
+    queued theirs together, and that one turn of the loop took ~2.5 ms of
+    every gate request's time.
     """
     if not items:
         return []
     loop = asyncio.get_running_loop()
     start = loop.time()
     step = spread / len(items)
+    results: list[Any] = [None] * len(items)
+    remaining = len(items)
+    finished: asyncio.Future[None] = loop.create_future()
     tasks: list[asyncio.Future[R]] = []
+
+    def ended(i: int, task: asyncio.Future[R]) -> None:
+        nonlocal remaining
+        if finished.done():
+            return
+        if task.cancelled():
+            finished.cancel()
+        elif (exc := task.exception()) is not None:
+            finished.set_exception(exc)
+        else:
+            results[i] = task.result()
+            remaining -= 1
+            if remaining == 0:
+                finished.set_result(None)
+
     try:
         for i, item in enumerate(items):
             delay = start + i * step - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(run(item)))
-        return list(await asyncio.gather(*tasks))
+            if finished.done():
+                break  # a run failed: start no more
+            task = asyncio.ensure_future(run(item))
+            task.add_done_callback(functools.partial(ended, i))
+            tasks.append(task)
+        await finished
+        return results
     except BaseException:
-        for task in tasks:
-            task.cancel()
+        for started in tasks:
+            started.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise

@@ -62,28 +62,50 @@ def test_paced_all_at_once_and_empty() -> None:
     assert early == [1, 2, 3, 0]
 
 
+class Runs:
+    """Runs that wait long, recording their starts and cancels; item ``fail`` raises."""
+
+    def __init__(self, fail: int | None = None) -> None:
+        self.started: list[int] = []
+        self.cancelled = 0
+        self.fail = fail
+
+    async def __call__(self, i: int) -> int:
+        self.started.append(i)
+        if i == self.fail:
+            raise ValueError(f"run {i} broke")
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return i
+
+
 def test_cancel_cancels_the_started_runs() -> None:
-    async def main() -> tuple[int, int]:
-        cancelled = 0
-        started = 0
+    runs = Runs()
 
-        async def run(i: int) -> int:
-            nonlocal cancelled, started
-            started += 1
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                cancelled += 1
-                raise
-            return i
-
-        task = asyncio.ensure_future(paced(list(range(10)), 1.0, run))
+    async def main() -> None:
+        task = asyncio.ensure_future(paced(list(range(10)), 1.0, runs))
         await asyncio.sleep(0.25)  # about three have started, the rest wait their turn
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return started, cancelled
 
-    started, cancelled = asyncio.run(main())
-    assert 1 <= started < 10
-    assert cancelled == started
+    asyncio.run(main())
+    assert 1 <= len(runs.started) < 10
+    assert runs.cancelled == len(runs.started)
+
+
+def test_a_failing_run_ends_the_pass_with_its_error() -> None:
+    """As gather would: the first error is raised, no further run starts and
+    the runs in flight are cancelled."""
+    runs = Runs(fail=2)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="run 2 broke"):
+            await paced(list(range(10)), 0.5, runs)
+
+    asyncio.run(main())
+    assert runs.started == [0, 1, 2]
+    assert runs.cancelled == 2
