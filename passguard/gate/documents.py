@@ -96,9 +96,14 @@ def _str_keys(value: Any) -> Any:
     return value
 
 
+# Built once: json.dumps() with options builds an encoder per call (a gate
+# request digests every document it judges).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              default=str)
+
+
 def digest(doc: Any) -> str:
-    canon = json.dumps(_str_keys(doc), sort_keys=True, separators=(",", ":"),
-                       ensure_ascii=False, default=str)
+    canon = _CANONICAL.encode(_str_keys(doc))
     return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
 
 

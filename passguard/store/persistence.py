@@ -44,8 +44,12 @@ CREATE TABLE IF NOT EXISTS destinations (
 """
 
 
+# One encoder for every row: json.dumps() with options builds a new one per call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def _encode(families: dict[Family, Counters]) -> str:
-    return json.dumps({f: list(c) for f, c in families.items()}, separators=(",", ":"))
+    return _COMPACT.encode({f: list(c) for f, c in families.items()})
 
 
 def _decode(text: str | None) -> dict[Family, Counters]:
