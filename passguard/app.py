@@ -36,6 +36,7 @@ from passguard.store.store import Store
 from passguard.web.auth import TokenStore
 from passguard.web.routes import build_app
 from passguard.web.tls import CertReloader
+from passguard.yielding import Budget
 
 log = logging.getLogger(__name__)
 JOB_ID = "scrape"
@@ -80,7 +81,11 @@ class Daemon:
         """One scrape of every target; the snapshot is replaced when it is done."""
         async with self._cycle_lock:
             start = time.monotonic()
+            # A turn of the loop before and after the target refresh: it and
+            # the end of a pass that held the lock would otherwise run as one.
+            await asyncio.sleep(0)
             self._refresh_targets()
+            await asyncio.sleep(0)
             targets = list(self.store.targets.values())
             scrape = self.config.scrape
             spread = spread_for(len(targets), scrape.spread, scrape.interval, scrape.timeout,
@@ -127,15 +132,20 @@ class Daemon:
         for t, _, _, err in reads:
             if err is not None:
                 log.debug("destinations of %s: %s", t.key, err)
-        changed = self.store.record_destinations(ok)
-        now = time.time()
-        try:
-            await self.store.persist_destinations(changed, now)
-        except Exception as exc:
-            self.metrics.persist_failures.inc()
-            log.error("could not write destinations to %s: %s", self.config.state_path, exc)
-        self.store.snapshot = replace(self.store.snapshot,
-                                      destinations=self.store.book.views(now - self.config.window))
+        # The reads took up to a whole interval; what follows changes the book
+        # and replaces the snapshot, so it waits for a running scrape cycle:
+        # interleaved, the cycle would publish the views it took before this.
+        async with self._cycle_lock:
+            budget = Budget()
+            changed = await self.store.record_destinations_async(ok, budget)
+            now = time.time()
+            try:
+                await self.store.persist_destinations(changed, now)
+            except Exception as exc:
+                self.metrics.persist_failures.inc()
+                log.error("could not write destinations to %s: %s", self.config.state_path, exc)
+            views = await self.store.book.views_async(now - self.config.window, budget)
+            self.store.snapshot = replace(self.store.snapshot, destinations=views)
 
     def _schedule(self) -> None:
         assert self.scheduler is not None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from passguard.envoy.names import Family
+from passguard.yielding import Budget
 
 
 class HostReading(NamedTuple):
@@ -124,8 +125,23 @@ class DestinationBook:
             for d in book.values():
                 yield key, d
 
+    def _sorted(self) -> list[Destination]:
+        return [d for _key, d in sorted(self.all(), key=lambda x: (x[0], x[1].address))]
+
     def views(self, window_start: float) -> tuple[DestinationView, ...]:
-        return tuple(
-            DestinationView(d.mesh, d.dataplane, d.service, d.address, d.family, d.first_seen,
-                            d.last_seen, d.connections, d.in_window(window_start), d.last_active)
-            for _key, d in sorted(self.all(), key=lambda x: (x[0], x[1].address)))
+        return tuple(_view(d, window_start) for d in self._sorted())
+
+    async def views_async(self, window_start: float, budget: Budget) -> tuple[DestinationView, ...]:
+        """The same views, handing the loop back whenever ``budget`` is spent.
+        The caller owns the book meanwhile (the poller; nothing else writes it)."""
+        out = []
+        for d in self._sorted():
+            if budget.spent():
+                await budget.pause()
+            out.append(_view(d, window_start))
+        return tuple(out)
+
+
+def _view(d: Destination, window_start: float) -> DestinationView:
+    return DestinationView(d.mesh, d.dataplane, d.service, d.address, d.family, d.first_seen,
+                           d.last_seen, d.connections, d.in_window(window_start), d.last_active)

@@ -12,16 +12,14 @@ from collections.abc import Iterable
 
 from passguard.envoy.clusters import Destination as EnvoyDestination
 from passguard.scraper import ScrapeResult
-from passguard.store.destinations import Destination, DestinationBook, HostReading
+from passguard.store.destinations import Destination, DestinationBook, DestinationView, HostReading
 from passguard.store.persistence import StateDB
 from passguard.store.snapshot import DataplaneEvidence, Snapshot, State
 from passguard.store.window import History, Segment
 from passguard.targets import Target
+from passguard.yielding import Budget
 
 log = logging.getLogger(__name__)
-
-#: Dataplanes evaluated between two yields to the event loop (~3 ms of work).
-SLICE = 200
 
 
 class Store:
@@ -94,13 +92,30 @@ class Store:
     def record_destinations(self, reads: Iterable[tuple[Target, float, list[EnvoyDestination]]]
                             ) -> list[tuple[str, Destination]]:
         changed: list[tuple[str, Destination]] = []
-        for target, t, dests in reads:
-            if target.key not in self.targets:
-                continue
-            hosts = {d.address: HostReading(d.cx_total, d.cx_active, d.family) for d in dests}
-            changed.extend((target.key, d) for d in self.book.update(
-                target.key, target.mesh, target.dataplane, target.service, t, hosts))
+        for read in reads:
+            changed.extend(self._record_destinations(*read))
         return changed
+
+    async def record_destinations_async(
+            self, reads: Iterable[tuple[Target, float, list[EnvoyDestination]]],
+            budget: Budget | None = None) -> list[tuple[str, Destination]]:
+        """The same, handing the loop back whenever ``budget`` is spent (1,000
+        reads take ~9 ms)."""
+        budget = budget or Budget()
+        changed: list[tuple[str, Destination]] = []
+        for read in reads:
+            if budget.spent():
+                await budget.pause()
+            changed.extend(self._record_destinations(*read))
+        return changed
+
+    def _record_destinations(self, target: Target, t: float, dests: list[EnvoyDestination]
+                             ) -> list[tuple[str, Destination]]:
+        if target.key not in self.targets:
+            return []
+        hosts = {d.address: HostReading(d.cx_total, d.cx_active, d.family) for d in dests}
+        return [(target.key, d) for d in self.book.update(
+            target.key, target.mesh, target.dataplane, target.service, t, hosts)]
 
     async def persist_destinations(self, changed: list[tuple[str, Destination]],
                                    now: float) -> None:
@@ -134,20 +149,29 @@ class Store:
         """Write this cycle, plus whatever an earlier failed write left behind:
         evidence seen while the disk was full must reach it once it is not."""
         before = self.prune_before(now)
-        for h in self.histories.values():
+        budget = Budget()
+        for h in list(self.histories.values()):
+            if budget.spent():
+                await budget.pause()
             h.prune(before)
         if self.db is None:
             self._removed.clear()
             return
         for key, h, new in updates:
+            if budget.spent():
+                await budget.pause()
             pending = self._unsaved.setdefault(key, (h, []))
             pending[1].extend(new)
         for key in self._removed:
             self._unsaved.pop(key, None)
-        # Pruned in place: a long outage must not grow the backlog past the window.
-        self._unsaved = {key: (h, [s for s in segs if s.end > before])
-                         for key, (h, segs) in self._unsaved.items() if key in self.histories}
-        batch = [(key, h, segs) for key, (h, segs) in self._unsaved.items()]
+        batch = []
+        for key, (h, segs) in list(self._unsaved.items()):
+            if budget.spent():
+                await budget.pause()
+            if key in self.histories:
+                # Pruned here: a long outage must not grow the backlog past the window.
+                batch.append((key, h, [s for s in segs if s.end > before]))
+        self._unsaved = {key: (h, segs) for key, h, segs in batch}
         removed = list(self._removed)
         await asyncio.to_thread(self.db.save, batch, before, removed)
         self._unsaved.clear()
@@ -162,17 +186,20 @@ class Store:
         return self._publish(now, out, extra)
 
     async def build_snapshot_async(self, now: float,
-                                   extra: Iterable[DataplaneEvidence] | None = None
-                                   ) -> Snapshot:
-        """The same snapshot, handing the event loop back every ``SLICE``
-        dataplanes (1,000 of them take ~15 ms: gate requests must not wait).
-        Only the poller, which holds the cycle lock, changes the histories."""
+                                   extra: Iterable[DataplaneEvidence] | None = None,
+                                   budget: Budget | None = None) -> Snapshot:
+        """The same snapshot, handing the event loop back whenever ``budget``
+        (~1 ms) is spent: 1,000 dataplanes take 15–40 ms, and gate requests
+        must not wait for them. Only the poller, which holds the cycle lock,
+        changes the histories."""
+        budget = budget or Budget()
         out = []
-        for i, (key, target) in enumerate(list(self.targets.items())):
-            if i and i % SLICE == 0:
-                await asyncio.sleep(0)
+        for key, target in list(self.targets.items()):
+            if budget.spent():
+                await budget.pause()
             out.append(self._evidence(key, target, now))
-        return self._publish(now, out, extra)
+        views = await self.book.views_async(self._window_start(now), budget)
+        return self._publish(now, out, extra, views)
 
     def _evidence(self, key: str, target: Target, now: float) -> DataplaneEvidence:
         h = self.histories[key]
@@ -198,14 +225,18 @@ class Store:
             last_attempt=h.last_attempt, error=h.last_error, scrape_duration=h.last_duration,
         )
 
+    def _window_start(self, now: float) -> float:
+        return float("-inf") if self.since_start else now - self.window
+
     def _publish(self, now: float, out: list[DataplaneEvidence],
-                 extra: Iterable[DataplaneEvidence] | None) -> Snapshot:
+                 extra: Iterable[DataplaneEvidence] | None,
+                 views: tuple[DestinationView, ...] | None = None) -> Snapshot:
         if extra is not None:
             self.extra = tuple(extra)
         out.extend(d for d in self.extra if d.target.key not in self.targets)
-        window_start = float("-inf") if self.since_start else now - self.window
+        if views is None:
+            views = self.book.views(self._window_start(now))
         snap = Snapshot(now, None if self.since_start else self.window, self.stale_after,
-                        tuple(out), ready=self.cycles > 0 or self.restored,
-                        destinations=self.book.views(window_start))
+                        tuple(out), ready=self.cycles > 0 or self.restored, destinations=views)
         self.snapshot = snap
         return snap

@@ -29,6 +29,7 @@ from passguard.exposition import Format, SnapshotExposition, render, render_asyn
 from passguard.metrics import Metrics
 from passguard.store.snapshot import STATES, DataplaneEvidence, Snapshot, mesh_summary
 from passguard.targets import Target
+from passguard.yielding import Budget
 
 DP_LABELS = ["mesh", "service", "dataplane", "family"]
 
@@ -140,9 +141,7 @@ def test_render_matches_prometheus_client(snap: Snapshot, fmt: Format) -> None:
     assert render(snap, fmt) == oracle(snap, fmt)
 
 
-def test_slices_hand_the_loop_back_and_give_the_same_bytes(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(exposition, "SLICE", 7)
+def test_slices_hand_the_loop_back_and_give_the_same_bytes() -> None:
     dps = tuple(DataplaneEvidence(Target(f"http://{i}", f"m{i % 3}", f"dp{i}", "s"), "fresh",
                                   True, None, {}, 0, {"ipv4": Counters(i)}, 1.0, 5.0, 5.0,
                                   None, 0.1) for i in range(50))
@@ -152,14 +151,14 @@ def test_slices_hand_the_loop_back_and_give_the_same_bytes(
 
     async def count() -> bytes:
         nonlocal yields
-        task = asyncio.ensure_future(render_async(snap, fmt))
+        task = asyncio.ensure_future(render_async(snap, fmt, Budget(0.0, 0.0)))
         while not task.done():
             yields += 1
             await asyncio.sleep(0)
         return task.result()
 
     assert asyncio.run(count()) == oracle(snap, fmt)
-    assert yields > 20  # 50 dataplanes x 11 series / 7 a slice: many slices
+    assert yields > 50  # a budget of 0: a slice per dataplane and family
 
 
 def test_rendered_once_per_snapshot_and_shared() -> None:

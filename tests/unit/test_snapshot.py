@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
+from passguard.envoy.clusters import Destination as Seen
 from passguard.envoy.stats import Counters, StatsReading
 from passguard.scraper import ScrapeResult
-from passguard.store import store as store_mod
 from passguard.store.snapshot import DataplaneEvidence, Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
+from passguard.yielding import Budget
 
 
 def dp(name: str, mesh: str, last: float, stale_after: float | None = None) -> DataplaneEvidence:
@@ -38,33 +37,46 @@ def test_mesh_index() -> None:
     assert snap.for_mesh("nope") == ()
 
 
-def test_snapshot_built_in_slices_equals_the_one_built_at_once(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The daemon builds its snapshot handing the loop back every SLICE
-    dataplanes; the result must be the very same evidence."""
-    monkeypatch.setattr(store_mod, "SLICE", 3)
-    store = Store(900.0, 45.0)
+def test_snapshot_built_in_slices_equals_the_one_built_at_once() -> None:
+    """The daemon builds its snapshot, and records a /clusters pass, handing the
+    loop back whenever its time budget is spent; the result must be the very
+    same evidence and destinations."""
     targets = [Target(f"http://{i}", f"m{i % 2}", f"dp{i}") for i in range(10)]
-    store.set_targets(targets)
-    for k, t0 in enumerate((1000.0, 1015.0)):
-        for i, t in enumerate(targets):
-            reading = StatsReading(100.0 + 15 * k, {"ipv4": Counters(cx_total=i * k)})
-            error = "connection refused" if i == 7 and k == 1 else None
-            assert store.record_one(ScrapeResult(t, t0, 0.01, None if error else reading,
-                                                 error)) is not None
-        store.finish_cycle()
-    at_once = store.build_snapshot(1020.0)
+    reads = [[(t, 100.0 + 60 * k, [Seen(f"10.0.{i}.{j}:443", "ipv4", 3 * k + j, j % 2)
+                                   for j in range(3)])
+              for i, t in enumerate(targets)] for k in range(2)]
 
-    async def sliced() -> tuple[Snapshot, int]:
-        task = asyncio.ensure_future(store.build_snapshot_async(1020.0))
+    def fed(store: Store) -> Store:
+        store.set_targets(targets)
+        for k, t0 in enumerate((1000.0, 1015.0)):
+            for i, t in enumerate(targets):
+                reading = StatsReading(100.0 + 15 * k, {"ipv4": Counters(cx_total=i * k)})
+                error = "connection refused" if i == 7 and k == 1 else None
+                assert store.record_one(ScrapeResult(t, t0, 0.01, None if error else reading,
+                                                     error)) is not None
+            store.finish_cycle()
+        return store
+
+    whole = fed(Store(900.0, 45.0))
+    changed_whole = [whole.record_destinations(r) for r in reads]
+    at_once = whole.build_snapshot(1020.0)
+
+    async def sliced() -> tuple[Snapshot, list[list[tuple[str, object]]], int]:
+        store = fed(Store(900.0, 45.0))
+        changed = [await store.record_destinations_async(r, Budget(0.0, 0.0)) for r in reads]
+        task = asyncio.ensure_future(store.build_snapshot_async(1020.0, budget=Budget(0.0, 0.0)))
         turns = 0
         while not task.done():
             turns += 1
             await asyncio.sleep(0)
-        return task.result(), turns
+        return task.result(), changed, turns
 
-    snap, turns = asyncio.run(sliced())
-    assert turns >= 3  # 10 dataplanes, 3 a slice
+    snap, changed, turns = asyncio.run(sliced())
+    assert turns >= 10 + 30  # a budget of 0: a turn per dataplane and destination
     assert snap.dataplanes == at_once.dataplanes
+    assert snap.destinations == at_once.destinations and len(snap.destinations) == 30
+    assert [[(k, d.address, d.connections) for k, d in c] for c in changed] == \
+        [[(k, d.address, d.connections) for k, d in c] for c in changed_whole]
     assert snap.ready and [d.state for d in snap.dataplanes].count("failed") == 1
     assert sum(d.connections for d in snap.dataplanes) == sum(range(10)) - 7
+
