@@ -614,8 +614,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def machine_share(before: tuple[int, int, int], after: tuple[int, int, int],
                   cpu: dict[str, float], wall: float) -> dict[str, float]:
-    """Steal, and the CPU that processes outside the bench used, in % of one
-    CPU over the run: both are load the figures did not ask for."""
+    """In % of one CPU over the run: steal, and the CPU the machine spent
+    outside passguard, the fleet and this client (other processes, the
+    kernel's share of the loopback traffic, the /metrics reader process). A
+    run with much of either was measured on a machine it did not have."""
     busy, steal, total = (b - a for a, b in zip(before, after, strict=True))
     tick = os.sysconf("SC_CLK_TCK")
     ours = sum(cpu.values())

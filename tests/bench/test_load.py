@@ -19,7 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ("rate", "requests", "errors", "p50_ms", "p99_ms", "max_scrape_cycle_seconds",
         "passguard_cpu_percent", "passguard_rss_max_mb", "throughput_rps",
-        "unexpected_verdicts", "scrape_cycles_seen", "max_cycle_gap_seconds")
+        "unexpected_verdicts", "scrape_cycles_seen", "max_cycle_gap_seconds",
+        "steal_cpu_percent", "other_cpu_percent")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -58,3 +59,17 @@ def test_rate_steps(tmp_path: Path) -> None:
     assert isinstance(runs, list) and [x["rate"] for x in runs] == [20.0, 40.0]
     assert all(x["errors"] == 0 for x in runs), runs
     assert r["config"]["targets"] == 50  # type: ignore[index]
+
+
+def test_machine_share_separates_steal_and_other_processes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over 10 s at 100 ticks/s: 600 busy ticks of which the bench's processes
+    used 4.5 s, 50 ticks stolen by the hypervisor."""
+    sys.path.insert(0, str(REPO))
+    from bench import load
+
+    monkeypatch.setattr(load.os, "sysconf", lambda name: 100)
+    share = load.machine_share((1000, 10, 5000), (1600, 60, 7000),
+                               {"passguard": 3.0, "fleet": 0.5, "client": 1.0}, 10.0)
+    assert share == {"steal_cpu_percent": 5.0, "other_cpu_percent": 15.0,
+                     "machine_busy_percent": 30.0}
