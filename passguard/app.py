@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 import sys
 import time
@@ -34,6 +35,7 @@ from passguard.sources.sourceset import SourceSet
 from passguard.store.persistence import StateDB
 from passguard.store.store import Store
 from passguard.web.auth import TokenStore
+from passguard.web.connections import ConnectionCap
 from passguard.web.routes import build_app
 from passguard.web.tls import CertReloader
 from passguard.yielding import Budget
@@ -47,6 +49,30 @@ JOB_ID = "scrape"
 #: of milliseconds behind a cycle's write (the GIL "convoy": under load, 538
 #: requests over 10 ms in 30 s with the default, 345 with 0.5 ms).
 SWITCH_INTERVAL = 0.0005
+#: A TLS handshake not done by then is aborted (asyncio's default is 60 s): a
+#: client that stalls in it holds a connection of the cap for this long at most.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Descriptors besides connections: the two databases and their WAL files,
+#: the log, target files, the event loop's own.
+FD_SPARE = 64
+#: listen() backlog, and how many connections asyncio accepts in one go
+#: (its default): a flood can hold this many descriptors beyond the cap for
+#: a moment, before the refused ones are closed.
+LISTEN_BACKLOG = 100
+
+
+def fd_budget_warning(config: Config) -> str | None:
+    """The connection cap protects the scrapes only if both fit in the file
+    descriptors the process may open."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = config.limits.max_connections + config.scrape.concurrency + LISTEN_BACKLOG + FD_SPARE
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return None
+    return (f"limits.max_connections ({config.limits.max_connections}) + scrape.concurrency "
+            f"({config.scrape.concurrency}) + {LISTEN_BACKLOG} accepted at once + {FD_SPARE} "
+            f"spare exceed the open-file limit "
+            f"({soft}): a connection flood can starve the scrapes. Raise LimitNOFILE or "
+            "lower limits.max_connections")
 
 
 class Daemon:
@@ -67,6 +93,8 @@ class Daemon:
         self.notifier = Notifier.from_env()
         self.scheduler: AsyncIOScheduler | None = None
         self.runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.connections: ConnectionCap | None = None
         self.stopping = asyncio.Event()
         self._cycle_lock = asyncio.Lock()
         self._reload_lock = asyncio.Lock()
@@ -217,6 +245,8 @@ class Daemon:
             if self.runner is not None:
                 for app in (self.runner.app,):
                     app._client_max_size = new.limits.max_body_bytes
+            if self.connections is not None:
+                self.connections.resize(new.limits.max_connections)
         await old_sources.close()
         if self.scheduler is not None:
             self.sources.start()
@@ -243,16 +273,22 @@ class Daemon:
                                     keepalive_timeout=self.config.limits.keepalive_timeout)
         await self.runner.setup()
         listen = self.config.listen
-        site = web.TCPSite(self.runner, listen.host, listen.port, reuse_address=True,
-                           ssl_context=self.tls.context if self.tls else None)
-        await site.start()
+        # Our own listener instead of a web.TCPSite: its protocol factory is
+        # where a connection cap can go (aiohttp has none).
+        assert self.runner.server is not None
+        self.connections = ConnectionCap(self.runner.server, self.config.limits.max_connections,
+                                         TLS_HANDSHAKE_TIMEOUT,
+                                         self.metrics.connections_refused.inc)
+        self._listener = await asyncio.get_running_loop().create_server(
+            self.connections, listen.host, listen.port, reuse_address=True, backlog=LISTEN_BACKLOG,
+            ssl=self.tls.context if self.tls else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.tls else None)
         if listen.port == 0:  # tests ask for any free port: record the real one
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            if sockets:
-                self.config = replace(self.config, listen=replace(
-                    listen, port=sockets[0].getsockname()[1]))
+            self.config = replace(self.config, listen=replace(
+                listen, port=self._listener.sockets[0].getsockname()[1]))
         log.info("listening on %s%s", "https://" if self.tls else "http://", self.config.listen)
+        if (warning := fd_budget_warning(self.config)) is not None:
+            log.warning("%s", warning)
         if self.tls is not None:
             self._background.append(asyncio.create_task(self.tls.run(self.stopping)))
         self._background.append(asyncio.create_task(self._audit_retention()))
@@ -291,9 +327,14 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.sources.close()
+        if self._listener is not None:
+            self._listener.close()  # no new connections; cleanup() ends the open ones
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
         await asyncio.to_thread(self.db.close)
         await asyncio.to_thread(self.audit.close)
         log.info("stopped")

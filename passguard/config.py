@@ -148,6 +148,8 @@ class LimitsConfig:
     keepalive_timeout: float = 75.0
     # A client that sends its body slower than this gets 408 (slowloris).
     body_timeout: float = 30.0
+    # Open HTTP connections at most (idle keep-alives included); more get 503.
+    max_connections: int = 1024
     documents: Limits = field(default_factory=Limits)
 
 
@@ -597,7 +599,7 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
     limits = defaults.limits
     lm = r.mapping(top.get("limits"), "limits",
                    {"max_body_bytes", "max_documents", "max_depth", "keepalive_timeout",
-                    "body_timeout", "max_nodes", "max_scalar_bytes"})
+                    "body_timeout", "max_nodes", "max_scalar_bytes", "max_connections"})
     if lm is not None and lm:
         body = r.size(lm["max_body_bytes"], "limits.max_body_bytes") \
             if "max_body_bytes" in lm else None
@@ -613,11 +615,14 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             if "max_nodes" in lm else None
         scalar = r.size(lm["max_scalar_bytes"], "limits.max_scalar_bytes") \
             if "max_scalar_bytes" in lm else None
+        conns = r.integer(lm["max_connections"], "limits.max_connections", 4, 1_000_000) \
+            if "max_connections" in lm else None
         dl = limits.documents
         limits = LimitsConfig(
             max_body_bytes=body or limits.max_body_bytes,
             keepalive_timeout=keepalive or limits.keepalive_timeout,
             body_timeout=body_timeout or limits.body_timeout,
+            max_connections=conns or limits.max_connections,
             documents=Limits(max_documents=docs or dl.max_documents,
                              max_depth=depth or dl.max_depth,
                              max_nodes=nodes or dl.max_nodes,

@@ -93,6 +93,10 @@ class Metrics:
         self.audit_failures = Counter("passguard_audit_write_failures",
                                       "Decisions whose audit entry could not be written",
                                       registry=self.registry)
+        self.connections_refused = Counter(
+            "passguard_http_connections_refused",
+            "HTTP connections answered 503 and closed because limits.max_connections "
+            "were open", registry=self.registry)
         build = Gauge("passguard_build_info", "passguard version", ["version"],
                       registry=self.registry)
         build.labels(__version__).set(1)

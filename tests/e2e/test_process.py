@@ -172,7 +172,8 @@ async def test_reload_good_and_bad_config(setup: tuple[Proc, EnvoyProcess, Envoy
     assert 'passguard_config_reloads_total{outcome="failure"} 2.0' in metrics
     assert (await asyncio.to_thread(p.get, "/v1/meshes"))["window_seconds"] == 30
     # A good file is applied without a restart.
-    p.write({**p.cfg, "window": "45s", "gate": {"meshes": {"busy": {"mode": "warn"}}}})
+    p.write({**p.cfg, "window": "45s", "gate": {"meshes": {"busy": {"mode": "warn"}}},
+             "limits": {"max_connections": 4}})
     p.proc.send_signal(signal.SIGHUP)
     await asyncio.sleep(1)
     metrics = await asyncio.to_thread(p.get, "/metrics")
@@ -182,6 +183,20 @@ async def test_reload_good_and_bad_config(setup: tuple[Proc, EnvoyProcess, Envoy
                                      stdin=MESH_OFF.format("busy"))
     assert warned.returncode == 0 and "WARN" in warned.stdout
     assert "refused, keeping the running configuration" in p.log.read_text()
+    # The lowered connection cap applies at once: four idle connections hold
+    # it, the fifth is answered 503 and closed.
+    host, port = p.url.removeprefix("http://").rsplit(":", 1)
+    held = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
+    try:
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 503") and b"of 4 (limits.max_connections)" in answer
+    finally:
+        for _, w in held:
+            w.close()
 
 
 async def test_sigterm_stops_cleanly_and_restart_resumes(

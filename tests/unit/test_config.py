@@ -65,6 +65,9 @@ def errors_of(text: str, tmp_path: Path) -> list[str]:
      "sources[0].stats: must be one of inspect, kuma-dp"),
     ("listen: 0.0.0.0:9110", "listen: 0.0.0.0:9110 is not a loopback address"),
     ("limits: {body_timeout: 10ms}", "limits.body_timeout: must be at least 0.1s"),
+    ("limits: {max_connections: 2}",
+     "limits.max_connections: must be between 4 and 1000000, got 2"),
+    ("limits: {max_connections: many}", "limits.max_connections"),
     ("scrape: {spread: fast}", "scrape.spread: 'fast' is not a duration"),
     ("scrape: {spread: 5}", "scrape.spread: must be 'auto' or a duration like '5s', got a number"),
     ("scrape: {interval: 15s, timeout: 5s, spread: 11s}",
@@ -90,6 +93,9 @@ def test_document_limits(tmp_path: Path) -> None:
     p.write_text("limits: {max_nodes: 5000, max_scalar_bytes: 1KiB, max_depth: 8}\n")
     docs = config.load(p).limits.documents
     assert (docs.max_nodes, docs.max_scalar_bytes, docs.max_depth) == (5000, 1024, 8)
+    assert config.load(p).limits.max_connections == 1024  # the default
+    p.write_text("limits: {max_connections: 64}\n")
+    assert config.load(p).limits.max_connections == 64
     assert "limits.max_nodes: must be between 100 and 100000000, got 5" in errors_of(
         "limits: {max_nodes: 5}", tmp_path)
 
