@@ -24,10 +24,13 @@ Well-formed input must also round-trip: the fleet simulator's Envoy bodies
 exactly the counters it computed, in text and Prometheus form, and
 ``/clusters`` text and JSON give the same destinations.
 
-Inputs that hit a known bug are kept out of the passing properties (each
-exclusion names its bug) and pinned by the ``xfail(strict=True)`` tests at the
-end, with the counterexample as an ``@example``: when a bug is fixed its
-xfail turns into a failure (XPASS), the exclusion goes, the property covers it.
+Every bug these properties found is pinned by a test at the end of the file,
+with its counterexample as an ``@example`` or parameter. While a bug was open
+its input was kept out of the property (the exclusion named the bug) and its
+test was ``xfail(strict=True)``; all are fixed now, and the strategies cover
+those inputs again: non-finite list totals, non-string YAML keys, digit runs
+of hundreds of characters, named groups, inline flags, lookarounds and huge
+repeat counts in patterns, ``gate.meshes`` that is not a mapping.
 
 The runs are derandomized (the same examples every time) and bounded
 (``max_examples``), so this file takes seconds and never flakes.
@@ -143,6 +146,23 @@ def mutated(draw: st.DrawFn, base: Any, values: st.SearchStrategy[Any] = JSON) -
             parent[key] = [parent[key]]
         elif op == "stringify":
             parent[key] = str(parent[key])
+    return doc
+
+
+@st.composite
+def with_odd_key(draw: st.DrawFn, base: Any) -> Any:
+    """``base`` with a key YAML would give as a number, boolean or null (``1: x``),
+    next to string keys in one of its mappings."""
+    doc = _copy(base)
+    maps = [p for p in _paths(doc) if isinstance(_at(doc, p), dict)]
+    target = _at(doc, draw(st.sampled_from(maps)))
+    target[draw(st.integers(-5, 5) | st.booleans() | st.none())] = draw(SCALARS)
+    return doc
+
+
+def _at(doc: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        doc = doc[key]
     return doc
 
 
@@ -351,14 +371,13 @@ def test_mesh_items_raise_only_kuma_api_error(item: Any) -> None:
 
 LIST_PAGES = st.fixed_dictionaries(
     {"items": st.lists(JSON, max_size=3) | JSON},
-    optional={"total": st.integers(-3, 2**70) | FINITE | JSON, "next": TEXT | JSON,
+    optional={"total": st.integers(-3, 2**70) | st.floats() | JSON, "next": TEXT | JSON,
               "extra": JSON}) | JSON
 
 
 @SETTINGS
 @given(LIST_PAGES)
 def test_list_pages_raise_only_kuma_api_error(body: Any) -> None:
-    # Non-finite totals are left to test_list_page_total_infinity_or_nan (a bug).
     try:
         page = parse_list_page(body, "GET /meshes")
     except KumaApiError:
@@ -393,11 +412,12 @@ DOCS = _fixture_docs()
 
 
 @SETTINGS
-@given(st.lists(st.sampled_from(DOCS).flatmap(mutated) | JSON, min_size=1, max_size=3),
-       st.none() | st.lists(st.sampled_from(DOCS).flatmap(mutated) | JSON, max_size=2))
+@given(st.lists(st.sampled_from(DOCS).flatmap(mutated) | st.sampled_from(DOCS).flatmap(
+    with_odd_key) | JSON | YAML, min_size=1, max_size=3),
+       st.none() | st.lists(st.sampled_from(DOCS).flatmap(mutated) | YAML, max_size=2))
 def test_documents_raise_only_input_error(docs: list[Any], old: list[Any] | None) -> None:
-    """JSON-shaped documents (string keys): mutated real Kuma files and arbitrary data.
-    YAML documents with non-string keys are test_documents_with_mixed_key_types (a bug)."""
+    """Mutated real Kuma files, the same with a key YAML would give as a number,
+    boolean or null, and arbitrary JSON- and YAML-shaped data."""
     try:
         parsed = parse_documents(docs, old)
     except InputError:
@@ -455,18 +475,19 @@ def test_loader_raises_only_input_error(body: bytes, ctype: str | None) -> None:
 # --------------------------------------------------------------------------- config
 
 # Durations and sizes shaped like the real thing, and some that are not.
-# Digit runs stay short here: long ones are test_config_huge_numbers (a bug).
-DURATIONS = st.from_regex(r"\A ?[0-9]{1,8}(\.[0-9]{1,3})? ?(ms|s|m|h|d) ?\Z") | st.sampled_from(
+# Digit runs up to 400 long: a duration of 10^400 s is infinite as a float.
+DURATIONS = st.from_regex(r"\A ?[0-9]{1,400}(\.[0-9]{1,3})? ?(ms|s|m|h|d) ?\Z") | st.sampled_from(
     ["15s", "1s", "500ms", "15m", "0s", "1h", "90d", "1e5s", "15", "-1s", ""]) | SCALARS
-SIZES = st.integers(-5, 2**40) | st.from_regex(r"\A[0-9]{1,12} ?(B|KiB|MiB|GiB)?\Z") | SCALARS
+SIZES = st.integers(-5, 2**40) | st.from_regex(r"\A[0-9]{1,5000} ?(B|KiB|MiB|GiB)?\Z") | SCALARS
 URLS = st.sampled_from(["http://127.0.0.1:9901", "unix:///run/kuma/admin.sock", "https://cp:5682",
                         "ftp://x", "http://", "http://h:99999", "http://h/?q=1", "unix://rel"]) \
     | TEXT
-# Regular expressions without named groups or inline flags (a bug:
-# test_clusters_pattern_valid_alone_but_not_inside_the_parsers) and without
-# repeat counts (a bug: test_config_bad_regular_expressions).
-REGEXES = st.sampled_from([P, "pass_through", "(a|b)", "[", "a{2,3}", "(?:x)+", "\\"]) \
-    | st.text(alphabet="ab|()[]*+?.^$\\:_", max_size=15).filter(lambda s: "{" not in s)
+# Named groups, inline flags, huge repeat counts and deep nesting included:
+# each once passed config and broke a parser (the tests at the end of the file).
+REGEXES = st.sampled_from([P, "pass_through", "(a|b)", "[", "a{2,3}", "(?:x)+", "\\",
+                           "(?P<gen>x)", "(?i)x", "a{99999999999}", "(" * 300 + ")" * 300,
+                           "(?=x)", "(a)\\1"]) \
+    | st.text(alphabet="ab|()[]{},0123456789*+?.^$\\:_<>=!PiI", max_size=15)
 
 
 def _opt(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -490,23 +511,27 @@ CONFIG = st.fixed_dictionaries({}, optional={
     "listen": st.sampled_from(["127.0.0.1:9110", "[::1]:0", ":9110", "0.0.0.0:80", "x",
                                "[::1]:70000", "localhost:1"]) | SCALARS,
     "scrape": _opt(interval=DURATIONS, timeout=DURATIONS,
-                   concurrency=st.integers(-1, 200_000) | SCALARS, max_response_bytes=SIZES),
+                   concurrency=st.integers(-1, 200_000) | SCALARS, max_response_bytes=SIZES,
+                   spread=DURATIONS | st.just("auto")),
     "window": DURATIONS,
     "state": _opt(path=TEXT | SCALARS),
     "passthrough": _opt(clusters=REGEXES | SCALARS),
     "sources": st.lists(SOURCE, max_size=3) | SCALARS,
-    # gate.meshes that is not a mapping is test_config_gate_meshes_not_a_mapping (a bug).
     "gate": st.fixed_dictionaries({}, optional={
         "mode": st.sampled_from(["enforce", "warn", "audit", "x"]) | SCALARS,
         "on_insufficient_data": st.sampled_from(["deny", "warn", "allow", "x"]) | SCALARS,
-        "meshes": st.none() | st.dictionaries(TEXT, POLICY, max_size=3)}),
+        "meshes": st.none() | st.dictionaries(TEXT, POLICY, max_size=3) | SCALARS
+        | st.lists(POLICY, max_size=2)}),
     "limits": _opt(max_body_bytes=SIZES, max_documents=st.integers(-1, 2_000_000) | SCALARS,
-                   max_depth=st.integers(0, 20_000) | SCALARS),
+                   max_depth=st.integers(0, 20_000) | SCALARS,
+                   max_nodes=st.integers(-1, 200_000_000) | SCALARS, max_scalar_bytes=SIZES,
+                   keepalive_timeout=DURATIONS, body_timeout=DURATIONS,
+                   max_connections=st.integers(-1, 2_000_000) | SCALARS),
     "auth": _opt(tokens_file=TEXT, protect_metrics=SCALARS, insecure=SCALARS,
                  tls=_opt(cert_file=TEXT, key_file=TEXT, client_ca_file=TEXT,
                           reload_interval=DURATIONS)),
     "audit": _opt(retention=DURATIONS),
-    "destinations": _opt(interval=DURATIONS),
+    "destinations": _opt(interval=DURATIONS, spread=DURATIONS | st.just("auto")),
     "unknown_key": SCALARS,
 }) | JSON
 
