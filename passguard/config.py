@@ -91,6 +91,9 @@ class ScrapeConfig:
     # Guards against a proxy (or something pretending to be one) that sends
     # an endless body: a filtered /stats answer is a few hundred bytes.
     max_response_bytes: int = 64 * 1024 * 1024
+    # All admin answers being read at once, together: what bounds memory
+    # (concurrency x max_response_bytes would be 16 GiB).
+    max_buffered_bytes: int = 256 * 1024 * 1024
     # Seconds over which a cycle's scrapes start; None = auto (passguard.pacing).
     spread: float | None = None
 
@@ -482,7 +485,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
 
     scrape = defaults.scrape
     sc = r.mapping(top.get("scrape"), "scrape",
-                   {"interval", "timeout", "concurrency", "max_response_bytes", "spread"})
+                   {"interval", "timeout", "concurrency", "max_response_bytes",
+                    "max_buffered_bytes", "spread"})
     if sc is not None:
         interval = r.duration(sc["interval"], "scrape.interval", 0.1) if "interval" in sc else None
         timeout = r.duration(sc["timeout"], "scrape.timeout", 0.01) if "timeout" in sc else None
@@ -490,14 +494,22 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             if "concurrency" in sc else None
         maxb = r.size(sc["max_response_bytes"], "scrape.max_response_bytes") \
             if "max_response_bytes" in sc else None
+        buffered = r.size(sc["max_buffered_bytes"], "scrape.max_buffered_bytes") \
+            if "max_buffered_bytes" in sc else None
         spread = r.spread(sc["spread"], "scrape.spread") if "spread" in sc else None
         scrape = ScrapeConfig(
             interval=interval or scrape.interval,
             timeout=timeout or scrape.timeout,
             concurrency=conc or scrape.concurrency,
             max_response_bytes=maxb or scrape.max_response_bytes,
+            max_buffered_bytes=buffered or scrape.max_buffered_bytes,
             spread=spread,
         )
+        if scrape.max_buffered_bytes < scrape.max_response_bytes:
+            errors.add("scrape.max_buffered_bytes",
+                       f"({scrape.max_buffered_bytes} bytes) must be at least "
+                       f"scrape.max_response_bytes ({scrape.max_response_bytes} bytes): "
+                       "one answer of the largest size must fit")
         if scrape.timeout > scrape.interval:
             errors.add("scrape.timeout", f"({format_duration(scrape.timeout)}) must not exceed "
                                          f"scrape.interval ({format_duration(scrape.interval)})")
@@ -676,7 +688,8 @@ def _is_api_url(url: str) -> bool:
 def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
                  r: _Reader) -> KumaSourceConfig | None:
     m = r.mapping(src, spath, {"kind", "url", "token_file", "ca_file", "insecure_skip_verify",
-                               "meshes", "discovery_interval", "stats", "timeout", "page_size"})
+                               "meshes", "discovery_interval", "stats", "timeout", "page_size",
+                               "max_response_bytes"})
     if m is None:
         return None
     before = len(r.errors.items)
@@ -695,13 +708,16 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
     stats = r.choice(m.get("stats", "inspect"), f"{spath}.stats", ("inspect", "kuma-dp"))
     timeout = r.duration(m["timeout"], f"{spath}.timeout", 0.1) if "timeout" in m else 10.0
     page = r.integer(m["page_size"], f"{spath}.page_size", 1, 1000) if "page_size" in m else 100
+    page_bytes = r.size(m["max_response_bytes"], f"{spath}.max_response_bytes") \
+        if "max_response_bytes" in m else None
     if len(r.errors.items) != before or url is None:
         return None
     return KumaSourceConfig(url=url.rstrip("/"), token_file=str(token) if token else None,
                             ca_file=str(ca) if ca else None, insecure_skip_verify=bool(insecure),
                             meshes=meshes or ("*",), discovery_interval=interval or 30.0,
                             stats=stats or "inspect",  # type: ignore[arg-type]
-                            timeout=timeout or 10.0, page_size=page or 100)
+                            timeout=timeout or 10.0, page_size=page or 100,
+                            max_response_bytes=page_bytes or KumaSourceConfig.max_response_bytes)
 
 
 def _prometheus_source(src: dict[str, Any], spath: str, base_dir: Path,

@@ -48,7 +48,8 @@ class ScrapeResult:
 class Scraper:
     def __init__(self, cfg: Config) -> None:
         self.timeout = cfg.scrape.timeout
-        self.client = AdminClient(cfg.scrape.concurrency, cfg.scrape.max_response_bytes)
+        self.client = AdminClient(cfg.scrape.concurrency, cfg.scrape.max_response_bytes,
+                                  cfg.scrape.max_buffered_bytes)
         self.parser = StatsParser(cfg.passthrough_clusters, cfg.outbound_port)
         self.params = {"filter": stats_filter(cfg.passthrough_clusters, cfg.outbound_port)}
         self.clusters = ClustersParser(cfg.passthrough_clusters)

@@ -2,7 +2,10 @@
 
 Every request is bounded in time (the whole exchange, not only connect) and in
 size, so a proxy that hangs, trickles bytes or sends an endless body costs one
-timeout and is reported, never a stuck cycle or an exhausted memory.
+timeout and is reported, never a stuck cycle or an exhausted memory. The
+answers being read at once share one budget (``scrape.max_buffered_bytes``)
+for what they hold beyond their first 64 KiB: ``concurrency`` proxies each
+sending up to ``max_response_bytes`` would otherwise be 256 x 64 MiB.
 """
 
 from __future__ import annotations
@@ -17,11 +20,18 @@ import aiohttp
 from passguard.errors import ScrapeError
 
 _CHUNK = 64 * 1024
+#: The first bytes of every answer are outside the shared budget: a filtered
+#: /stats (a few KiB) is never refused because big answers filled it, and
+#: those bytes are bounded by concurrency x 64 KiB (16 MiB) anyway.
+FREE_BYTES = 64 * 1024
 
 
 class AdminClient:
-    def __init__(self, concurrency: int, max_bytes: int) -> None:
+    def __init__(self, concurrency: int, max_bytes: int,
+                 max_buffered: int | None = None) -> None:
         self._max_bytes = max_bytes
+        self._max_buffered = max_buffered if max_buffered is not None else 4 * max_bytes
+        self.buffered = 0  # bytes held by the reads in flight
         self._concurrency = concurrency
         self._tcp: aiohttp.ClientSession | None = None
         self._unix: dict[str, aiohttp.ClientSession] = {}
@@ -61,11 +71,24 @@ class AdminClient:
                         raise ScrapeError(f"{path} announced {resp.content_length} bytes, over the "
                                           f"{self._max_bytes}-byte limit")
                     buf = bytearray()
-                    async for chunk in resp.content.iter_chunked(_CHUNK):
-                        buf += chunk
-                        if len(buf) > self._max_bytes:
-                            raise ScrapeError(f"{path} sent more than {self._max_bytes} bytes")
-                    return buf.decode("utf-8", "replace")
+                    charged = 0  # what this read holds of the shared budget
+                    try:
+                        async for chunk in resp.content.iter_chunked(_CHUNK):
+                            buf += chunk
+                            if len(buf) > self._max_bytes:
+                                raise ScrapeError(
+                                    f"{path} sent more than {self._max_bytes} bytes")
+                            more = max(0, len(buf) - FREE_BYTES) - charged
+                            if more and self.buffered + more > self._max_buffered:
+                                raise ScrapeError(
+                                    f"{path}: the answers being read hold {self.buffered} bytes "
+                                    f"already, the {self._max_buffered}-byte budget "
+                                    "(scrape.max_buffered_bytes)")
+                            self.buffered += more
+                            charged += more
+                        return buf.decode("utf-8", "replace")
+                    finally:
+                        self.buffered -= charged
         except TimeoutError:
             raise ScrapeError(f"no complete answer from {path} within {timeout:g}s") from None
         except aiohttp.ClientResponseError as exc:

@@ -139,7 +139,7 @@ async def _truncated_chunked(srv: HostileProxies, req: Request) -> None:
     await req.send(head + f"{len(body):x}\r\n".encode() + body + b"\r\n")  # no last chunk
 
 
-async def _stream(req: Request, chunked: bool) -> None:
+async def _stream(req: Request, chunked: bool, pause: float = 0.0) -> None:
     line = f"cluster.{CLUSTER}.upstream_cx_total: 1\n".encode() * 1024
     chunk = f"{len(line):x}\r\n".encode() + line + b"\r\n" if chunked else line
     headers = {"Content-Type": "text/plain"}
@@ -153,6 +153,8 @@ async def _stream(req: Request, chunked: bool) -> None:
     while sent < MAX_STREAM_BYTES and time.monotonic() < deadline:
         await req.send(chunk)
         sent += len(chunk)
+        if pause:
+            await asyncio.sleep(pause)
 
 
 async def _endless_chunked(srv: HostileProxies, req: Request) -> None:
@@ -161,6 +163,11 @@ async def _endless_chunked(srv: HostileProxies, req: Request) -> None:
 
 async def _endless(srv: HostileProxies, req: Request) -> None:
     await _stream(req, chunked=False)  # no length: the body runs until the close
+
+
+async def _endless_slow(srv: HostileProxies, req: Request) -> None:
+    # ~2 MB/s: several of these are being read at the same time.
+    await _stream(req, chunked=False, pause=0.02)
 
 
 async def _huge_announced(srv: HostileProxies, req: Request) -> None:
@@ -286,6 +293,7 @@ MODES: dict[str, Handler] = {
     "truncated_chunked": _truncated_chunked,
     "endless": _endless,
     "endless_chunked": _endless_chunked,
+    "endless_slow": _endless_slow,
     "huge_announced": _huge_announced,
     "slow": _slow,
     "slow_headers": _slow_headers,

@@ -136,6 +136,47 @@ async def test_every_broken_proxy_is_unknown_with_its_reason(
     assert await healthy(d)
 
 
+async def test_big_answers_share_one_buffer_budget(
+    hostile: HostileProxies, make_daemon: DaemonFactory,
+) -> None:
+    """Six proxies streaming endless bodies at once (each read ~400 ms before
+    it reaches max_response_bytes, 1 MiB) against scrape.max_buffered_bytes
+    1 MiB: together they never hold more than the budget beyond their first
+    64 KiB each, the reads past it fail naming the key, the good proxy's small
+    answer is never refused, and nothing stays charged after the cycle."""
+    targets = [target(hostile.url("ok"), "idle", "idle-1")]
+    targets += [target(hostile.url("endless_slow"), "f-big", f"big-{i}") for i in range(6)]
+    d = await make_daemon([{"kind": "envoy", "targets": targets}],
+                          scrape={"interval": "3s", "timeout": "2s",
+                                  "max_buffered_bytes": "1MiB"})
+    client = d.scraper.client
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, client.buffered)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await d.cycle()
+    finally:
+        watcher.cancel()
+    views = await dataplanes(d, "f-big")
+    errors = [str(v["error"]) for v in views.values()]
+    assert all(v["state"] == "failed" for v in views.values()), views
+    over_budget = [e for e in errors if "(scrape.max_buffered_bytes)" in e]
+    assert over_budget and all("/stats sent more than 1048576 bytes" in e or e in over_budget
+                               for e in errors), errors
+    assert 0 < peak <= 1024 * 1024, peak
+    assert client.buffered == 0
+    assert (await dataplanes(d, "idle"))["idle-1"]["state"] == "fresh"
+    print(f"\n6 endless answers at once: {len(over_budget)} cut by the 1 MiB budget, "
+          f"peak charged {peak} bytes")
+    assert await healthy(d)
+
+
 async def test_broken_proxies_do_not_slow_the_schedule(
     hostile: HostileProxies, make_daemon: DaemonFactory,
 ) -> None:

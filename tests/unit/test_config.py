@@ -68,6 +68,10 @@ def errors_of(text: str, tmp_path: Path) -> list[str]:
     ("limits: {max_connections: 2}",
      "limits.max_connections: must be between 4 and 1000000, got 2"),
     ("limits: {max_connections: many}", "limits.max_connections"),
+    ("scrape: {max_response_bytes: 2MiB, max_buffered_bytes: 1MiB}",
+     "scrape.max_buffered_bytes: (1048576 bytes) must be at least scrape.max_response_bytes"),
+    ("sources: [{kind: kuma, url: 'https://cp:5682', max_response_bytes: lots}]",
+     "sources[0].max_response_bytes"),
     ("scrape: {spread: fast}", "scrape.spread: 'fast' is not a duration"),
     ("scrape: {spread: 5}", "scrape.spread: must be 'auto' or a duration like '5s', got a number"),
     ("scrape: {interval: 15s, timeout: 5s, spread: 11s}",
@@ -96,6 +100,11 @@ def test_document_limits(tmp_path: Path) -> None:
     assert config.load(p).limits.max_connections == 1024  # the default
     p.write_text("limits: {max_connections: 64}\n")
     assert config.load(p).limits.max_connections == 64
+    p.write_text("scrape: {max_buffered_bytes: 512MiB}\n"
+                 "sources: [{kind: kuma, url: 'https://cp:5682', max_response_bytes: 8MiB}]\n")
+    cfg = config.load(p)
+    assert cfg.scrape.max_buffered_bytes == 512 * 1024 * 1024
+    assert cfg.sources[0].max_response_bytes == 8 * 1024 * 1024  # type: ignore[union-attr]
     assert "limits.max_nodes: must be between 100 and 100000000, got 5" in errors_of(
         "limits: {max_nodes: 5}", tmp_path)
 

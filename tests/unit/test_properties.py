@@ -503,7 +503,8 @@ SOURCE = (st.fixed_dictionaries({"kind": st.just("envoy")},
               "url": URLS, "token_file": TEXT, "ca_file": TEXT, "insecure_skip_verify": SCALARS,
               "meshes": st.lists(TEXT, max_size=2) | SCALARS, "discovery_interval": DURATIONS,
               "stats": st.sampled_from(["inspect", "kuma-dp", "x"]), "timeout": DURATIONS,
-              "page_size": st.integers(-1, 2000) | SCALARS, "bogus": SCALARS})
+              "page_size": st.integers(-1, 2000) | SCALARS, "max_response_bytes": SIZES,
+              "bogus": SCALARS})
           | st.fixed_dictionaries({"kind": SCALARS}) | SCALARS)
 POLICY = _opt(mode=st.sampled_from(["enforce", "warn", "audit", "x"]) | SCALARS,
               on_insufficient_data=st.sampled_from(["deny", "warn", "allow", "x"]) | SCALARS)
@@ -512,7 +513,7 @@ CONFIG = st.fixed_dictionaries({}, optional={
                                "[::1]:70000", "localhost:1"]) | SCALARS,
     "scrape": _opt(interval=DURATIONS, timeout=DURATIONS,
                    concurrency=st.integers(-1, 200_000) | SCALARS, max_response_bytes=SIZES,
-                   spread=DURATIONS | st.just("auto")),
+                   max_buffered_bytes=SIZES, spread=DURATIONS | st.just("auto")),
     "window": DURATIONS,
     "state": _opt(path=TEXT | SCALARS),
     "passthrough": _opt(clusters=REGEXES | SCALARS),
