@@ -325,8 +325,13 @@ def cmd_token_hash(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from passguard.app import run
+    from passguard.logqueue import log_off_the_loop
 
-    return run(Path(args.config))
+    writer = log_off_the_loop()
+    try:
+        return run(Path(args.config))
+    finally:
+        writer.stop()  # what is still queued is written before the exit
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,105 @@
+"""The daemon's log lines are written by a thread of their own, never by the event loop.
+
+``passguard run`` logs a line per gate decision. Written by the event loop, a
+log line is a ``write()`` to stderr: under systemd a stream socket to
+journald, which blocks when journald falls behind (rotation, a slow disk),
+and every gate request would wait with it. Here the loop only formats the
+message and puts it on a bounded queue; a writer thread does the writing. If
+the writer stays blocked until the queue is full, further lines are dropped
+and counted, and the next line that gets through says how many: the audit
+log, not the text log, is the record of decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from logging.handlers import QueueHandler
+
+#: Lines waiting for the writer at most (~1.5 MB of decision lines).
+MAX_QUEUED = 10_000
+#: How long the exit waits for the writer to write what is queued.
+STOP_SECONDS = 5.0
+
+
+class DroppingQueueHandler(QueueHandler):
+    """A QueueHandler that drops (and counts) instead of blocking or raising
+    when the queue is full."""
+
+    def __init__(self, q: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(q)
+        self.dropped = 0
+
+    def note(self) -> logging.LogRecord:
+        return logging.makeLogRecord({
+            "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+            "msg": f"{self.dropped} log lines dropped: the log was not being read"})
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            if self.dropped:
+                self.queue.put_nowait(self.note())
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class Writer:
+    """The thread that writes the queued lines with the original handlers.
+
+    Not ``logging.handlers.QueueListener``: its ``stop()`` raises when the
+    queue is full and waits forever for a writer stuck in a ``write()``; an
+    exit must do neither."""
+
+    _STOP = object()
+
+    def __init__(self, q: queue.Queue[logging.LogRecord], handlers: list[logging.Handler],
+                 front: DroppingQueueHandler) -> None:
+        self._queue: queue.Queue[object] = q  # type: ignore[assignment]
+        self._handlers = handlers
+        self._front = front
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while (record := self._queue.get()) is not self._STOP:
+            assert isinstance(record, logging.LogRecord)
+            for handler in self._handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+    def stop(self, timeout: float = STOP_SECONDS) -> bool:
+        """Write what is queued, waiting ``timeout`` at most; False if the
+        writer is stuck (the daemon thread ends with the process)."""
+        try:
+            if self._front.dropped:  # said now, or nobody would say it
+                self._queue.put(self._front.note(), timeout=timeout)
+                self._front.dropped = 0
+            self._queue.put(self._STOP, timeout=timeout)
+        except queue.Full:
+            return False
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+def log_off_the_loop(root: logging.Logger | None = None,
+                     max_queued: int = MAX_QUEUED) -> Writer:
+    """Move ``root``'s handlers behind a queue and a writer thread. The caller
+    stops the returned writer at exit (that writes what is still queued)."""
+    root = root or logging.getLogger()
+    q: queue.Queue[logging.LogRecord] = queue.Queue(max_queued)
+    front = DroppingQueueHandler(q)
+    writer = Writer(q, list(root.handlers), front)
+    root.handlers = [front]
+    writer.start()
+    return writer
+
+
+__all__ = ["MAX_QUEUED", "DroppingQueueHandler", "Writer", "log_off_the_loop"]

@@ -1,0 +1,97 @@
+"""The daemon's log writer: a blocked stderr never blocks the caller, lines
+keep their order, and when the queue is full lines are dropped and counted."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from passguard.logqueue import log_off_the_loop
+
+
+class Blocked(logging.Handler):
+    """A stream that nobody reads until ``unblock`` is set (journald behind)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unblock = threading.Event()
+        self.entered = threading.Event()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.entered.set()
+        assert self.unblock.wait(30), "never unblocked"
+        self.lines.append(self.format(record))
+
+
+def _logger(name: str, sink: logging.Handler) -> logging.Logger:
+    log = logging.getLogger(name)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    sink.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log.handlers = [sink]
+    return log
+
+
+def test_a_blocked_writer_blocks_no_caller_and_drops_past_the_queue() -> None:
+    sink = Blocked()
+    log = _logger("passguard-test-logqueue", sink)
+    writer = log_off_the_loop(log, max_queued=5)
+    try:
+        log.info("decision 0")
+        assert sink.entered.wait(10)  # the writer is stuck in its write()
+        # Synchronous, this would wait for `unblock` (30 s, then fail).
+        for i in range(1, 20):
+            log.info("decision %d", i)
+        sink.unblock.set()
+        deadline = time.monotonic() + 10
+        while writer.pending() and time.monotonic() < deadline:  # bounded
+            time.sleep(0.01)
+        log.info("after")
+    finally:
+        assert writer.stop()
+    # Line 0 was being written, 1-5 fit in the queue, 6-19 were dropped.
+    assert sink.lines == [*(f"INFO decision {i}" for i in range(6)),
+                          "WARNING 14 log lines dropped: the log was not being read",
+                          "INFO after"]
+
+
+def test_dropped_lines_are_reported_at_stop() -> None:
+    sink = Blocked()
+    log = _logger("passguard-test-logqueue-stop", sink)
+    writer = log_off_the_loop(log, max_queued=2)
+    log.info("a")
+    assert sink.entered.wait(10)
+    for _ in range(4):
+        log.info("b")
+    sink.unblock.set()
+    assert writer.stop()
+    assert sink.lines == ["INFO a", "INFO b", "INFO b",
+                          "WARNING 2 log lines dropped: the log was not being read"]
+
+
+def test_tracebacks_are_formatted_where_they_happen() -> None:
+    sink = Blocked()
+    sink.unblock.set()
+    log = _logger("passguard-test-logqueue-tb", sink)
+    writer = log_off_the_loop(log)
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        writer.stop()
+    [line] = sink.lines
+    assert line.startswith("ERROR failed\nTraceback") and "ValueError: boom" in line
+
+
+def test_stop_gives_up_on_a_writer_that_never_returns() -> None:
+    sink = Blocked()
+    log = _logger("passguard-test-logqueue-stuck", sink)
+    writer = log_off_the_loop(log, max_queued=2)
+    for i in range(5):
+        log.warning("line %d", i)
+    assert writer.stop(timeout=0.2) is False  # the queue stays full: no hang, no raise
+    sink.unblock.set()
