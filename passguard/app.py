@@ -242,9 +242,6 @@ class Daemon:
             # (READY=1 follows this, so it must describe the new config).
             self._refresh_targets()
             self.store.build_snapshot(time.time())
-            if self.runner is not None:
-                for app in (self.runner.app,):
-                    app._client_max_size = new.limits.max_body_bytes
             if self.connections is not None:
                 self.connections.resize(new.limits.max_connections)
         await old_sources.close()

@@ -108,16 +108,31 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return _error(500, "internal error (logged)")
 
 
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """The (decoded) body, up to ``limit`` bytes. Read here rather than by
+    ``request.read()``, whose limit is fixed when the app is built: this one is
+    the running config's, so a reload changes it."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(limit, declared)
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(limit, len(body))
+    return bytes(body)
+
+
 async def _read_body(request: web.Request) -> bytes | web.Response:
     """The request body, or a 408 for a client that sends it too slowly: a body
     trickled a byte at a time would otherwise hold its connection forever."""
-    timeout = request.app[DAEMON].config.limits.body_timeout
+    limits = request.app[DAEMON].config.limits
     try:
-        async with asyncio.timeout(timeout):
-            return await request.read()
+        async with asyncio.timeout(limits.body_timeout):
+            return await _read_limited(request, limits.max_body_bytes)
     except TimeoutError:
-        resp = _error(408, f"request body not received within {format_duration(timeout)} "
-                           "(limits.body_timeout)")
+        resp = _error(408, "request body not received within "
+                           f"{format_duration(limits.body_timeout)} (limits.body_timeout)")
         resp.force_close()
         # Sent and closed here: left to aiohttp, the unread body would be
         # drained ("lingering") for another 10 s at the client's pace.
@@ -347,8 +362,9 @@ async def index(request: web.Request) -> web.Response:
 
 
 def build_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, auth_middleware],
-                          client_max_size=daemon.config.limits.max_body_bytes)
+    # No client_max_size: bodies are read by _read_limited, with the limit of
+    # the running config.
+    app = web.Application(middlewares=[errors_middleware, auth_middleware])
     app[DAEMON] = daemon
     app.router.add_get("/", index)
     app.router.add_get("/metrics", get_metrics)

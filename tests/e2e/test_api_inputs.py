@@ -3,6 +3,7 @@ daemon stays healthy. The daemon runs for real here, with one real Envoy target.
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator
@@ -151,6 +152,29 @@ async def test_bad_inputs_get_a_clear_4xx(
     assert got == status, answer
     assert fragment.lower() in answer["error"].lower(), answer
     assert "Traceback" not in answer["error"]
+    assert await healthy(daemon)
+
+
+async def test_a_chunked_body_over_the_limit_gets_413(daemon: Daemon) -> None:
+    """No Content-Length to refuse up front: the limit is counted as it arrives
+    (and gzip-encoded bodies are counted decoded)."""
+    port = daemon.config.listen.port
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"type: Mesh\nname: x\n"
+        for _ in range(40):
+            yield b"#" * 32 * 1024 + b"\n"
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{port}/v1/check", data=chunks(),
+                          headers={"Content-Type": "application/yaml"}) as r:
+            assert r.status == 413
+            assert "over the limit of 1048576 bytes" in (await r.json())["error"]
+        bomb = gzip.compress(b"type: Mesh\nname: x\n" + b"#" * (4 * 1024 * 1024))
+        async with s.post(f"http://127.0.0.1:{port}/v1/check", data=bomb,
+                          headers={"Content-Type": "application/yaml",
+                                   "Content-Encoding": "gzip"}) as r:
+            assert r.status == 413, await r.text()
     assert await healthy(daemon)
 
 

@@ -173,7 +173,7 @@ async def test_reload_good_and_bad_config(setup: tuple[Proc, EnvoyProcess, Envoy
     assert (await asyncio.to_thread(p.get, "/v1/meshes"))["window_seconds"] == 30
     # A good file is applied without a restart.
     p.write({**p.cfg, "window": "45s", "gate": {"meshes": {"busy": {"mode": "warn"}}},
-             "limits": {"max_connections": 4}})
+             "limits": {"max_connections": 4, "max_body_bytes": "1KiB"}})
     p.proc.send_signal(signal.SIGHUP)
     await asyncio.sleep(1)
     metrics = await asyncio.to_thread(p.get, "/metrics")
@@ -183,6 +183,14 @@ async def test_reload_good_and_bad_config(setup: tuple[Proc, EnvoyProcess, Envoy
                                      stdin=MESH_OFF.format("busy"))
     assert warned.returncode == 0 and "WARN" in warned.stdout
     assert "refused, keeping the running configuration" in p.log.read_text()
+    # So does the body limit: read with the running config's limit.
+    req = urllib.request.Request(p.url + "/v1/check", data=b"#" * 2048 + b"\n" +
+                                 MESH_OFF.format("idle").encode(), method="POST",
+                                 headers={"Content-Type": "application/yaml"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        await asyncio.to_thread(urllib.request.urlopen, req)
+    assert info.value.code == 413
+    assert b"over the limit of 1024 bytes" in info.value.read()
     # The lowered connection cap applies at once: four idle connections hold
     # it, the fifth is answered 503 and closed.
     host, port = p.url.removeprefix("http://").rsplit(":", 1)
