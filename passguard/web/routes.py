@@ -25,6 +25,7 @@ from passguard.gate.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
 from passguard.web import status_page
 from passguard.web.auth import TokenStore
+from passguard.yielding import FOREGROUND
 
 if TYPE_CHECKING:
     from passguard.app import Daemon
@@ -87,6 +88,22 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     request[REQUESTER] = f"token:{name}" if name else (_peer_name(request) or ANONYMOUS)
     result: web.StreamResponse = await handler(request)
     return result
+
+
+@web.middleware
+async def foreground_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Counts the requests being served: the poller's work rests while there
+    are some (passguard.yielding). Not /metrics, whose render is poller work
+    it waits for."""
+    if request.path == "/metrics":
+        response: web.StreamResponse = await handler(request)
+        return response
+    FOREGROUND.enter()
+    try:
+        response = await handler(request)
+        return response
+    finally:
+        FOREGROUND.leave()
 
 
 @web.middleware
@@ -364,7 +381,8 @@ async def index(request: web.Request) -> web.Response:
 def build_app(daemon: Daemon) -> web.Application:
     # No client_max_size: bodies are read by _read_limited, with the limit of
     # the running config.
-    app = web.Application(middlewares=[errors_middleware, auth_middleware])
+    app = web.Application(middlewares=[foreground_middleware, errors_middleware,
+                                       auth_middleware])
     app[DAEMON] = daemon
     app.router.add_get("/", index)
     app.router.add_get("/metrics", get_metrics)

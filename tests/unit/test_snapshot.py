@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from passguard import yielding
 from passguard.envoy.clusters import Destination as Seen
 from passguard.envoy.stats import Counters, StatsReading
 from passguard.scraper import ScrapeResult
 from passguard.store.snapshot import DataplaneEvidence, Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
-from passguard.yielding import Budget
+from passguard.yielding import Budget, Foreground
 
 
 def dp(name: str, mesh: str, last: float, stale_after: float | None = None) -> DataplaneEvidence:
@@ -80,3 +83,31 @@ def test_snapshot_built_in_slices_equals_the_one_built_at_once() -> None:
     assert snap.ready and [d.state for d in snap.dataplanes].count("failed") == 1
     assert sum(d.connections for d in snap.dataplanes) == sum(range(10)) - 7
 
+
+
+def test_poller_work_rests_only_while_the_gate_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spent budget yields one turn when no request is being served, and
+    rests REST_SECONDS while one is (or was, within LINGER_SECONDS)."""
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(yielding.asyncio, "sleep", sleep)
+    clock = [100.0]
+    gate = Foreground(lambda: clock[0])
+    budget = Budget(0.0, 0.002, gate)
+
+    async def main() -> None:
+        await budget.pause()  # idle
+        gate.enter()
+        await budget.pause()  # a request in flight
+        gate.leave()
+        await budget.pause()  # just served one
+        clock[0] += 0.06
+        await budget.pause()  # idle again
+
+    asyncio.run(main())
+    assert slept == [0, 0.002, 0.002, 0]
