@@ -224,29 +224,57 @@ def cap(verdict: Verdict, mode: str) -> Verdict:
     return verdict if SEVERITY[verdict] <= SEVERITY[limit] else limit
 
 
-def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
-    r: Resource = change.resource
-    eff = effect_of(change)
-    dec = Decision(mesh=r.mesh, kind=r.kind, name=r.name, effect=eff.description,
-                   verdict="allow", mode=policy.mode, reasons=[], evidence=None, digest=r.digest)
-    if not eff.reduces:
-        dec.reasons.append(f"does not reduce passthrough: {eff.description}")
-        return dec
-    if eff.allowed is not None:
-        for m in eff.allowed:
-            if m.type == "Domain":
-                dec.warnings.append(
-                    f"{r.kind} {r.name}: appendMatch Domain {m.value}"
-                    f"{':' + str(m.port) if m.port else ''} cannot be proven from IP evidence; "
-                    "traffic to it counts as cut unless an IP or CIDR match covers it")
-    ref = change.resource.target_ref
+#: Summaries kept per snapshot at most: a hostile client sending ever new
+#: targetRefs or match lists must not grow a snapshot without bound.
+MEMO_ENTRIES = 1024
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the evidence of one mesh says about cutting ``families`` (keeping
+    ``allowed``) for the dataplanes ``ref`` selects. A pure function of the
+    snapshot and that key, so the gate computes it once per snapshot: every
+    request about the same mesh and selector between two cycles shares it."""
+
+    outcome: Literal["traffic", "no_online", "unknown", "clear"]
+    reasons: tuple[str, ...]
+    evidence: dict[str, Any]  # shared by the decisions that use it: never mutated
+    select_warning: str | None
+
+
+def _ref_key(ref: TargetRef) -> tuple[Any, ...]:
+    return (ref.kind, ref.name, tuple(sorted(ref.labels.items())),
+            tuple(sorted(ref.tags.items())))
+
+
+def summarize(ref: TargetRef, fams: frozenset[Family], allowed: tuple[Match, ...] | None,
+              evidence: Evidence, memo: dict[Any, Any] | None = None) -> Summary:
+    """The evidence part of a decision, from ``memo`` when it is there.
+
+    The key names the evidence by the identity of its tuples, and the entry
+    holds them: while it exists no other tuple can have their ids, so an
+    Evidence built differently (another selection, no destinations) can
+    never be answered with this one's summary."""
+    if memo is None:
+        return _summarize(ref, fams, allowed, evidence)
+    key = (evidence.mesh, id(evidence.dataplanes), id(evidence.destinations),
+           evidence.window_seconds, evidence.inventory, _ref_key(ref), fams, allowed)
+    entry = memo.get(key)
+    if entry is None:
+        entry = (_summarize(ref, fams, allowed, evidence), evidence.dataplanes,
+                 evidence.destinations)
+        if len(memo) < MEMO_ENTRIES:
+            memo[key] = entry
+    summary: Summary = entry[0]
+    return summary
+
+
+def _summarize(ref: TargetRef, fams: frozenset[Family], allowed: tuple[Match, ...] | None,
+               evidence: Evidence) -> Summary:
     chosen, warning = select(ref, evidence.dataplanes)
-    if warning:
-        dec.warnings.append(f"{r.kind} {r.name}: {warning}")
-    fams = eff.families
     window = _window_words(evidence.window_seconds)
     online = [d for d in chosen if d.state != "offline"]
-    cut = _cut_traffic(online, fams, eff.allowed, evidence)
+    cut = _cut_traffic(online, fams, allowed, evidence)
     with_traffic = [(d, c, a) for d, c, a, _, _ in cut]
     seen = {id(t[0]) for t in with_traffic}  # a set: 10,000 dataplanes made this O(n²)
     unknown = [d for d in online if d.unknown and id(d) not in seen]
@@ -262,7 +290,7 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
             entry["connections"] += dest.window_connections
         if missing:
             unexplained.append((d.target.dataplane, missing))
-    dec.evidence = {
+    facts = {
         "window_seconds": evidence.window_seconds,
         "dataplanes": {
             "total": len(chosen),
@@ -275,47 +303,75 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy) -> Decision:
         "destinations": sorted(blocked_dests.values(),
                                key=lambda x: (-x["connections"], x["address"])),
     }
-    base: Verdict
+    reasons: list[str] = []
+    outcome: Literal["traffic", "no_online", "unknown", "clear"]
     if with_traffic:
-        base = "deny"
-        dec.reasons.append(
+        outcome = "traffic"
+        reasons.append(
             f"{len(with_traffic)} of {_n(len(chosen), 'dataplane')} opened "
             f"{_n(connections, 'passthrough connection')} {window}: "
             + _names([(d.target.dataplane, c) for d, c, _ in with_traffic if c > 0] or
                      [(d.target.dataplane, 0) for d, _, _ in with_traffic]))
         if active:
-            dec.reasons.append(f"{_n(active, 'passthrough connection')} "
-                               f"{'is' if active == 1 else 'are'} open now: "
-                               + _names([(d.target.dataplane, a)
-                                         for d, _, a in with_traffic if a > 0]))
-        if blocked_dests and eff.allowed is not None:
-            dec.reasons.append("destinations no appendMatch covers: " + _names(
+            reasons.append(f"{_n(active, 'passthrough connection')} "
+                           f"{'is' if active == 1 else 'are'} open now: "
+                           + _names([(d.target.dataplane, a)
+                                     for d, _, a in with_traffic if a > 0]))
+        if blocked_dests and allowed is not None:
+            reasons.append("destinations no appendMatch covers: " + _names(
                 [(x["address"], x["connections"]) for x in blocked_dests.values()]))
         elif blocked_dests:
-            dec.reasons.append("destinations that would be cut: " + _names(
+            reasons.append("destinations that would be cut: " + _names(
                 [(x["address"], x["connections"]) for x in blocked_dests.values()]))
-        if unexplained and eff.allowed is not None:
-            dec.reasons.append(
+        if unexplained and allowed is not None:
+            reasons.append(
                 "connections to destinations the inventory did not observe (Envoy drops idle "
                 "passthrough hosts after seconds; a shorter destinations.interval sees more): "
                 + _names(unexplained))
     elif not online:
-        base = policy.on_insufficient_data
+        outcome = "no_online"
         where = "" if ref.kind == "Mesh" else " selected by the targetRef"
-        dec.reasons.append(f"passguard watches no online dataplane{where} in mesh {r.mesh!r}: "
-                           "no evidence either way")
+        reasons.append(f"passguard watches no online dataplane{where} in mesh "
+                       f"{evidence.mesh!r}: no evidence either way")
     elif unknown:
-        base = policy.on_insufficient_data
-        dec.reasons.append(
+        outcome = "unknown"
+        reasons.append(
             f"no passthrough traffic seen, but {len(unknown)} of {_n(len(chosen), 'dataplane')} "
             f"{'has' if len(unknown) == 1 else 'have'} no complete evidence {window}: "
             + ", ".join(f"{d.target.dataplane} ({d.unknown_reason()})"
                         for d in unknown[:MAX_NAMED])
             + (f" and {len(unknown) - MAX_NAMED} more" if len(unknown) > MAX_NAMED else ""))
     else:
-        base = "allow"
-        dec.reasons.append(f"no passthrough traffic {window} on "
-                           f"{_n(len(online), 'watched dataplane')}")
+        outcome = "clear"
+        reasons.append(f"no passthrough traffic {window} on "
+                       f"{_n(len(online), 'watched dataplane')}")
+    return Summary(outcome, tuple(reasons), facts, warning)
+
+
+def decide(change: Change, evidence: Evidence, policy: GatePolicy,
+           memo: dict[Any, Any] | None = None) -> Decision:
+    """``memo``: where summaries of this evidence are kept (the snapshot's)."""
+    r: Resource = change.resource
+    eff = effect_of(change)
+    dec = Decision(mesh=r.mesh, kind=r.kind, name=r.name, effect=eff.description,
+                   verdict="allow", mode=policy.mode, reasons=[], evidence=None, digest=r.digest)
+    if not eff.reduces:
+        dec.reasons.append(f"does not reduce passthrough: {eff.description}")
+        return dec
+    if eff.allowed is not None:
+        for m in eff.allowed:
+            if m.type == "Domain":
+                dec.warnings.append(
+                    f"{r.kind} {r.name}: appendMatch Domain {m.value}"
+                    f"{':' + str(m.port) if m.port else ''} cannot be proven from IP evidence; "
+                    "traffic to it counts as cut unless an IP or CIDR match covers it")
+    summary = summarize(change.resource.target_ref, eff.families, eff.allowed, evidence, memo)
+    if summary.select_warning:
+        dec.warnings.append(f"{r.kind} {r.name}: {summary.select_warning}")
+    dec.evidence = summary.evidence
+    dec.reasons.extend(summary.reasons)
+    base: Verdict = "deny" if summary.outcome == "traffic" else \
+        "allow" if summary.outcome == "clear" else policy.on_insufficient_data
     verdict = cap(base, policy.mode)
     if verdict != base:
         dec.warnings.append(f"{policy.mode} mode: would {base} {r.kind} {r.name}: "
@@ -349,4 +405,5 @@ def overall(decisions: Sequence[Decision], default_mode: str,
     }
 
 
-__all__ = ["MODE_RANK", "Decision", "Effect", "Evidence", "decide", "effect_of", "overall"]
+__all__ = ["MODE_RANK", "Decision", "Effect", "Evidence", "Summary", "decide", "effect_of",
+           "overall", "summarize"]

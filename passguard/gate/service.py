@@ -23,7 +23,7 @@ def check(docs: list[Any], old_docs: list[Any] | None, snapshot: Snapshot,
         mesh = change.resource.mesh
         evidence = Evidence(mesh, snapshot.window_seconds, snapshot.for_mesh(mesh),
                             snapshot.destinations_of(mesh))
-        decisions.append(decide(change, evidence, gate.policy_for(mesh)))
+        decisions.append(decide(change, evidence, gate.policy_for(mesh), snapshot.memo))
     body = overall(decisions, gate.mode, parsed.warnings)
     if snapshot.window_seconds is None:
         body["evidence_source"] = ("one scrape: each proxy's counters since it started "

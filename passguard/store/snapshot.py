@@ -104,6 +104,9 @@ class Snapshot:
     _fresh_until: float = field(init=False, repr=False, compare=False)
     _dests_by_mesh: dict[str, tuple[DestinationView, ...]] = field(
         init=False, repr=False, compare=False)
+    # The gate's per-mesh evidence summaries (passguard.gate.decide.summarize):
+    # computed once per snapshot, shared by the requests until the next one.
+    memo: dict[Any, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         dests: dict[str, list[DestinationView]] = {}
@@ -119,6 +122,7 @@ class Snapshot:
                 until = min(until, (d.last_success or -math.inf) + limit)
         object.__setattr__(self, "_by_mesh", {m: tuple(v) for m, v in by_mesh.items()})
         object.__setattr__(self, "_fresh_until", until)
+        object.__setattr__(self, "memo", {})
 
     def meshes(self) -> list[str]:
         return sorted(self._by_mesh)

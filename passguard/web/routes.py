@@ -168,8 +168,9 @@ def verdict_if_disabled(snap: Snapshot, mesh: str, daemon: Daemon) -> str:
     """What the gate would answer now for ``passthrough: false`` on this mesh."""
     probe = Resource("Mesh", mesh, mesh, "universal", "None")
     decision = decide(Change(probe, None, "assumed"),
-                      Evidence(mesh, snap.window_seconds, snap.for_mesh(mesh)),
-                      daemon.config.gate.policy_for(mesh))
+                      Evidence(mesh, snap.window_seconds, snap.for_mesh(mesh),
+                               snap.destinations_of(mesh)),
+                      daemon.config.gate.policy_for(mesh), snap.memo)
     return decision.verdict
 
 

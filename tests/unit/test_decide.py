@@ -226,3 +226,49 @@ def test_disable_lists_the_destinations_that_would_be_cut() -> None:
     d = decide(MESH_OFF, ev, ENF)
     ev_json: Any = d.evidence
     assert ev_json["destinations"][0]["address"] == "[::1]:8443"
+
+
+def _as_json(d: Any) -> str:
+    return json.dumps([d.to_json(), d.warnings, d.break_glass, d.digest], sort_keys=True)
+
+
+def test_a_shared_memo_gives_exactly_the_decisions_without_it() -> None:
+    """The gate keeps each mesh's evidence summary per snapshot. One memo for
+    every evidence set, selector, change and policy of the table, asked twice
+    (computed, then from the memo), must answer what decide() alone answers;
+    and an Evidence built differently for the same mesh (no destinations)
+    must not be given another one's summary."""
+    memo: dict[Any, Any] = {}
+    dests = (dest("web-1", "10.0.0.1:443", 30), dest("web-1", "10.9.9.9:443", 10))
+    evidences = [Evidence("default", 900.0, dps, dests if name == "traffic" else ())
+                 for name, dps in EVIDENCE.items()]
+    evidences.append(Evidence("default", 900.0, EVIDENCE["traffic"]))  # same mesh, no dests
+    evidences.append(Evidence("default", None, EVIDENCE["traffic"], dests, inventory=False))
+    refs = [TargetRef(), TargetRef("Dataplane", name="web-1"),
+            TargetRef("MeshSubset", tags={"kuma.io/service": "web"}), TargetRef("MeshGateway")]
+    changes = [*REDUCING.values(), *NOT_REDUCING.values(),
+               matched(Match("IP", "10.0.0.1", 443)), matched(Match("CIDR", "10.0.0.0/8"))]
+    changes += [Change(Resource("MeshPassthrough", "mp", "default", "universal", "None",
+                                target_ref=ref), None, "assumed") for ref in refs]
+    policies = [GatePolicy(m, f) for m in ("enforce", "warn", "audit")  # type: ignore[arg-type]
+                for f in ("deny", "allow")]
+    compared = 0
+    for _ in range(2):
+        for ev, ch, pol in itertools.product(evidences, changes, policies):
+            assert _as_json(decide(ch, ev, pol, memo)) == _as_json(decide(ch, ev, pol)), \
+                (ev, ch, pol)
+            compared += 1
+    assert compared == 2 * len(evidences) * len(changes) * len(policies)
+    assert 0 < len(memo) < compared // 2  # shared, not one entry per question
+
+
+def test_the_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from passguard.gate import decide as decide_mod
+
+    monkeypatch.setattr(decide_mod, "MEMO_ENTRIES", 3)
+    memo: dict[Any, Any] = {}
+    ev = Evidence("default", 900.0, EVIDENCE["traffic"])
+    for i in range(10):
+        d = decide(matched(Match("IP", f"10.0.0.{i}", 443)), ev, ENF, memo)
+        assert d.verdict == "deny"
+    assert len(memo) == 3
