@@ -87,15 +87,6 @@ class Parsed:
     warnings: list[str] = field(default_factory=list)
 
 
-def _str_keys(value: Any) -> Any:
-    # YAML allows `1:` next to `name:`; sorting mixed key types raises.
-    if isinstance(value, dict):
-        return {str(k): _str_keys(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_str_keys(v) for v in value]
-    return value
-
-
 # Built once: json.dumps() with options builds an encoder per call (a gate
 # request digests every document it judges).
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
@@ -103,7 +94,9 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 
 
 def digest(doc: Any) -> str:
-    canon = _CANONICAL.encode(_str_keys(doc))
+    """Of a document whose keys are all strings (``_check_keys`` has run):
+    mixed key types could not be sorted."""
+    canon = _CANONICAL.encode(doc)
     return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
 
 
@@ -272,9 +265,12 @@ def _check_keys(doc: Any, label: str) -> None:
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
 
 
-def parse_resource(doc: Any, label: str) -> Resource | str:
-    """A Resource, or a description of an ignored document (a string)."""
-    _check_keys(doc, label)
+def parse_resource(doc: Any, label: str, keys_checked: bool = False) -> Resource | str:
+    """A Resource, or a description of an ignored document (a string).
+    ``keys_checked``: ``doc`` is part of a document whose keys were checked
+    (walking an AdmissionReview's objects again cost a tenth of a request)."""
+    if not keys_checked:
+        _check_keys(doc, label)
     kind, what = _classify(doc, label)
     if kind is None:
         return what
@@ -342,14 +338,14 @@ def parse_documents(docs: list[Any], old_docs: list[Any] | None = None) -> Parse
         raise InputError("no documents to check")
     for i, (obj, old_obj, has_old) in enumerate(entries):
         label = f"document {i + 1}"
-        new = parse_resource(obj, label) if obj is not None else None
+        new = parse_resource(obj, label, keys_checked=True) if obj is not None else None
         if isinstance(new, str):
             parsed.warnings.append(f"{label}: {new} is not a Mesh or MeshPassthrough: ignored")
             continue
         old: Resource | None = None
         source: OldSource = "assumed"
         if has_old and old_obj is not None:
-            o = parse_resource(old_obj, f"{label} oldObject")
+            o = parse_resource(old_obj, f"{label} oldObject", keys_checked=True)
             if isinstance(o, str):
                 raise InputError(f"{label}: oldObject is {o}, not the same kind as object")
             old, source = o, "document"
