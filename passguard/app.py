@@ -34,6 +34,7 @@ from passguard.sdnotify import Notifier
 from passguard.sources.sourceset import SourceSet
 from passguard.store.persistence import StateDB
 from passguard.store.store import Store
+from passguard.targets import Target
 from passguard.web.auth import TokenStore
 from passguard.web.connections import ConnectionCap
 from passguard.web.routes import build_app
@@ -150,12 +151,22 @@ class Daemon:
             log.info("ready")
 
     async def destinations_cycle(self) -> None:
-        """Read every target's ``/clusters``: the inventory of external destinations."""
-        targets = list(self.store.targets.values())
+        """Read every target's ``/clusters``: the inventory of external destinations.
+        A dataplane whose /stats show no passthrough connection since its last
+        read is skipped (Store.quiet_since_clusters_read): most are idle."""
+        every = list(self.store.targets.values())
+        targets = [t for t in every if not self.store.quiet_since_clusters_read(t.key)]
+        self.metrics.clusters_skipped.set(len(every) - len(targets))
         dests = self.config.destinations
         spread = spread_for(len(targets), dests.spread, dests.interval,
                             self.config.scrape.timeout, AUTO_CLUSTERS_RATE)
-        reads = await self.scraper.clusters_pass(targets, self.sources.request_for, spread)
+        marks: dict[str, tuple[float, tuple[int, int]] | None] = {}
+
+        def started(t: Target) -> None:
+            marks[t.key] = self.store.clusters_mark(t.key)
+
+        reads = await self.scraper.clusters_pass(targets, self.sources.request_for, spread,
+                                                 started)
         ok = [(t, at, dests) for t, at, dests, _ in reads if dests is not None]
         for t, _, _, err in reads:
             if err is not None:
@@ -166,6 +177,9 @@ class Daemon:
         async with self._cycle_lock:
             budget = Budget()
             changed = await self.store.record_destinations_async(ok, budget)
+            for t, _, found, _ in reads:
+                self.store.set_clusters_mark(t.key, marks.get(t.key) if found is not None
+                                             else None)
             now = time.time()
             try:
                 await self.store.persist_destinations(changed, now)

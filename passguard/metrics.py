@@ -93,6 +93,10 @@ class Metrics:
         self.audit_failures = Counter("passguard_audit_write_failures",
                                       "Decisions whose audit entry could not be written",
                                       registry=self.registry)
+        self.clusters_skipped = Gauge(
+            "passguard_destinations_skipped_dataplanes",
+            "Dataplanes whose /clusters the last destinations pass did not read: no "
+            "passthrough connection since their last read", registry=self.registry)
         self.connections_refused = Counter(
             "passguard_http_connections_refused",
             "HTTP connections answered 503 and closed because limits.max_connections "

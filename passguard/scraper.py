@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from ssl import SSLContext
 
@@ -111,11 +111,20 @@ class Scraper:
 
     async def clusters_pass(self, targets: list[Target],
                             request_for: Callable[[Target], Request | None],
-                            spread: float = 0.0
+                            spread: float = 0.0,
+                            on_start: Callable[[Target], None] | None = None
                             ) -> list[tuple[Target, float, list[Destination] | None, str | None]]:
-        """Every online target's ``/clusters``, the starts spread over ``spread`` seconds."""
+        """Every online target's ``/clusters``, the starts spread over ``spread``
+        seconds; ``on_start`` sees each target as its read starts."""
+
+        def one(t: Target) -> Awaitable[tuple[Target, float, list[Destination] | None,
+                                              str | None]]:
+            if on_start is not None:
+                on_start(t)
+            return self.read_clusters(t, request_for(t))
+
         online = [t for t in targets if not t.offline]
-        return await paced(online, spread, lambda t: self.read_clusters(t, request_for(t)))
+        return await paced(online, spread, one)
 
     async def close(self) -> None:
         await self.client.close()

@@ -37,6 +37,9 @@ class Store:
         # Segments not yet in the database (a failed write keeps them here).
         self._unsaved: dict[str, tuple[History, list[Segment]]] = {}
         self._unsaved_dests: dict[tuple[str, str], tuple[str, Destination]] = {}
+        # Per dataplane, the /stats sample (time, passthrough totals) current
+        # when its last successful /clusters read started.
+        self._clusters_marks: dict[str, tuple[float, tuple[int, int]]] = {}
         self.restored = False
         self.cycles = 0
         self.extra: tuple[DataplaneEvidence, ...] = ()
@@ -61,6 +64,8 @@ class Store:
             del self.histories[key]
             self._removed.add(key)
         self.book.drop(self._removed)
+        for key in self._removed:
+            self._clusters_marks.pop(key, None)
         self.targets = new
         for key in new:
             self.histories.setdefault(key, History())
@@ -88,6 +93,37 @@ class Store:
 
     def finish_cycle(self) -> None:
         self.cycles += 1
+
+    def clusters_mark(self, key: str) -> tuple[float, tuple[int, int]] | None:
+        """The latest /stats sample of a dataplane: its time and passthrough
+        (connections opened, open now), summed over the families."""
+        h = self.histories.get(key)
+        if h is None or h.last is None:
+            return None
+        fams = h.last.families.values()
+        return h.last.t, (sum(c.cx_total for c in fams), sum(c.cx_active for c in fams))
+
+    def set_clusters_mark(self, key: str, mark: tuple[float, tuple[int, int]] | None) -> None:
+        """After a /clusters read of ``key`` (None: it failed, read it next time)."""
+        if mark is None or key not in self.targets:
+            self._clusters_marks.pop(key, None)
+        else:
+            self._clusters_marks[key] = mark
+
+    def quiet_since_clusters_read(self, key: str) -> bool:
+        """No passthrough connection opened, and none open, from the start of
+        the last successful /clusters read to the latest /stats sample: its
+        passthrough hosts cannot have changed, and reading them again (a body
+        of 300 KB for 100 clusters, tens of MB on a big mesh) is skipped.
+        Not quiet when the proxy is failing or has no sample newer than the
+        read: the counters must prove it."""
+        mark = self._clusters_marks.get(key)
+        h = self.histories.get(key)
+        now = self.clusters_mark(key)
+        if mark is None or now is None or h is None or h.last_error is not None:
+            return False
+        (mark_t, mark_totals), (now_t, now_totals) = mark, now
+        return now_t > mark_t and now_totals == mark_totals and now_totals[1] == 0
 
     def record_destinations(self, reads: Iterable[tuple[Target, float, list[EnvoyDestination]]]
                             ) -> list[tuple[str, Destination]]:

@@ -98,3 +98,40 @@ async def test_inventory_policy_and_matched_decision(
         finally:
             if d.runner is not None:
                 await d.stop()
+
+
+async def test_quiet_dataplanes_are_not_read_again(
+        envoy_factory: EnvoyFactory, tmp_path: Path) -> None:
+    """Two real proxies; only one gets new traffic after the first pass. The
+    second pass reads only that one (the other's /stats prove nothing
+    happened), and still records its new destination."""
+    busy, quiet = await envoy_factory("legacy"), await envoy_factory("legacy")
+    async with EchoUpstream("127.0.0.1") as up1, EchoUpstream("127.0.0.1") as up2:
+        raw = {"listen": "127.0.0.1:0", "scrape": {"interval": "1s", "timeout": "500ms"},
+               "window": "30s", "state": {"path": "s.db"}, "destinations": {"interval": "2s"},
+               "sources": [{"kind": "envoy", "targets": [
+                   {"url": p.admin_url, "labels": {"mesh": "m", "dataplane": name}}
+                   for p, name in ((busy, "busy-1"), (quiet, "quiet-1"))]}]}
+        d = Daemon(config_mod.build(raw, tmp_path))
+        await d.start(schedule=False)
+        try:
+            await send_traffic(quiet, up1, 1)
+            await d.cycle()
+            await d.destinations_cycle()  # both read: nothing known yet
+            first = dict(d.store.book.last_read)
+            assert set(first) == {"m/busy-1", "m/quiet-1"}
+            held = await passthrough_connect(busy.listener_host("ipv4"),
+                                             busy.listener_port("ipv4"), up2.host, up2.port,
+                                             hold=True)
+            await d.cycle()
+            await d.destinations_cycle()
+            await held.close()
+            assert d.metrics.registry.get_sample_value(
+                "passguard_destinations_skipped_dataplanes") == 1  # quiet-1
+            assert d.store.book.last_read["m/quiet-1"] == first["m/quiet-1"]
+            assert d.store.book.last_read["m/busy-1"] > first["m/busy-1"]
+            got = {(x.dataplane, x.address) for x in d.store.snapshot.destinations}
+            assert ("busy-1", f"127.0.0.1:{up2.port}") in got
+            assert ("quiet-1", f"127.0.0.1:{up1.port}") in got  # kept, not re-read
+        finally:
+            await d.stop()

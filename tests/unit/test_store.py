@@ -92,3 +92,44 @@ def test_a_removed_dataplane_leaves_nothing_in_the_backlog(
     asyncio.run(main())
     db.close()
     assert saved(tmp_path / "state.db") == {"93.184.216.34:443": 5}
+
+
+def test_a_dataplane_is_quiet_only_when_its_counters_prove_it() -> None:
+    """The /clusters read of a dataplane is skipped only when a /stats sample
+    newer than the start of its last successful read shows the same
+    passthrough totals and nothing open."""
+    from passguard.envoy.stats import Counters, StatsReading
+    from passguard.scraper import ScrapeResult
+
+    store = Store(900.0, 45.0)
+    t = Target("http://a", "m", "dp-a")
+    store.set_targets([t])
+
+    def scrape(at: float, total: int, active: int = 0, error: str | None = None) -> None:
+        reading = StatsReading(at, {"ipv4": Counters(cx_total=total, cx_active=active)})
+        store.record_one(ScrapeResult(t, at, 0.01, None if error else reading, error))
+
+    assert not store.quiet_since_clusters_read(t.key)  # never read
+    scrape(100.0, 5)
+    store.set_clusters_mark(t.key, store.clusters_mark(t.key))  # a read at 100
+    assert not store.quiet_since_clusters_read(t.key)  # no sample after it yet
+    scrape(115.0, 5)
+    assert store.quiet_since_clusters_read(t.key)
+    scrape(130.0, 6)  # one more connection: its host may be new
+    assert not store.quiet_since_clusters_read(t.key)
+    store.set_clusters_mark(t.key, store.clusters_mark(t.key))
+    scrape(145.0, 6, active=1)  # open now
+    assert not store.quiet_since_clusters_read(t.key)
+    scrape(160.0, 6)
+    assert store.quiet_since_clusters_read(t.key)
+    scrape(175.0, 6, error="connection refused")  # counters no longer prove anything
+    assert not store.quiet_since_clusters_read(t.key)
+    scrape(190.0, 6)
+    assert store.quiet_since_clusters_read(t.key)
+    store.set_clusters_mark(t.key, None)  # the last read failed
+    assert not store.quiet_since_clusters_read(t.key)
+    store.set_clusters_mark(t.key, store.clusters_mark(t.key))
+    store.set_targets([])  # removed: its mark goes with it
+    store.set_targets([t])
+    scrape(205.0, 6)
+    assert not store.quiet_since_clusters_read(t.key)
