@@ -27,6 +27,7 @@ from passguard import config as config_mod
 from passguard.audit import AuditLog, audit_path
 from passguard.config import Config
 from passguard.errors import ConfigError
+from passguard.heap import Freezer
 from passguard.metrics import Metrics
 from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
 from passguard.scraper import Scraper, ScrapeResult
@@ -98,6 +99,7 @@ class Daemon:
         self.connections: ConnectionCap | None = None
         self.stopping = asyncio.Event()
         self._cycle_lock = asyncio.Lock()
+        self.heap = Freezer()
         self._reload_lock = asyncio.Lock()
         self._announced_ready = False
 
@@ -138,6 +140,7 @@ class Daemon:
                 self.metrics.persist_failures.inc()
                 log.error("could not write state to %s: %s", self.config.state_path, exc)
             await self.store.build_snapshot_async(now, extra)
+            self.heap.after_cycle()
             self.metrics.cycle_seconds.set(time.monotonic() - start)
             failed = sum(1 for r in results if r.error)
             log.debug("cycle: %d targets, %d failed, %.3fs", len(results), failed,
@@ -378,6 +381,7 @@ class Daemon:
         # garbage is frozen. Not in start(): tests run many daemons per process.
         gc.collect()
         gc.freeze()
+        self.heap.enabled = True  # and again after each cycle (passguard.heap)
         sys.setswitchinterval(SWITCH_INTERVAL)
         dog = asyncio.create_task(self.watchdog())
         try:
