@@ -73,7 +73,7 @@ FOREGROUND = Foreground()
 
 
 class Budget:
-    __slots__ = ("_deadline", "_foreground", "_rest", "_seconds", "pauses")
+    __slots__ = ("_deadline", "_foreground", "_rest", "_seconds")
 
     def __init__(self, seconds: float = BUDGET_SECONDS, rest: float = REST_SECONDS,
                  foreground: Foreground = FOREGROUND) -> None:
@@ -81,7 +81,6 @@ class Budget:
         self._rest = rest
         self._foreground = foreground
         self._deadline = time.perf_counter() + seconds
-        self.pauses = 0
 
     def spent(self) -> bool:
         return time.perf_counter() >= self._deadline
@@ -90,14 +89,7 @@ class Budget:
         """A turn of the loop (a rest, while requests are being served) in
         which the loop serves everything else, then a new budget."""
         await asyncio.sleep(self._rest if self._foreground.busy() else 0)
-        self.pauses += 1
         self._deadline = time.perf_counter() + self._seconds
-
-    async def tick(self) -> None:
-        """``pause()`` if the budget is spent (for loops where a coroutine per
-        item does not matter)."""
-        if time.perf_counter() >= self._deadline:
-            await self.pause()
 
 
 __all__ = ["BUDGET_SECONDS", "FOREGROUND", "REST_SECONDS", "Budget", "Foreground"]

@@ -36,12 +36,17 @@ def fail_saves_while(monkeypatch: pytest.MonkeyPatch, failing: Callable[[], bool
     monkeypatch.setattr(StateDB, "save_destinations", flaky)
 
 
-def test_destinations_of_a_failed_write_reach_the_disk_with_the_next_pass(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def two_dataplanes(tmp_path: Path) -> tuple[StateDB, Store, Target, Target]:
     db = StateDB(tmp_path / "state.db")
     store = Store(900.0, 45.0, db)
     a, b = Target("http://a", "m", "dp-a"), Target("http://b", "m", "dp-b")
     store.set_targets([a, b])
+    return db, store, a, b
+
+
+def test_destinations_of_a_failed_write_reach_the_disk_with_the_next_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db, store, a, b = two_dataplanes(tmp_path)
     calls = 0
 
     def first_call() -> bool:
@@ -71,10 +76,7 @@ def test_destinations_of_a_failed_write_reach_the_disk_with_the_next_pass(
 
 def test_a_removed_dataplane_leaves_nothing_in_the_backlog(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    db = StateDB(tmp_path / "state.db")
-    store = Store(900.0, 45.0, db)
-    a, b = Target("http://a", "m", "dp-a"), Target("http://b", "m", "dp-b")
-    store.set_targets([a, b])
+    db, store, a, b = two_dataplanes(tmp_path)
     fail = True
     fail_saves_while(monkeypatch, lambda: fail)
 
