@@ -15,6 +15,7 @@ import gc
 import logging
 import resource
 import signal
+import sqlite3
 import sys
 import time
 from dataclasses import replace
@@ -26,7 +27,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from passguard import config as config_mod
 from passguard.audit import AuditLog, audit_path
 from passguard.config import Config
-from passguard.errors import ConfigError
+from passguard.errors import ConfigError, PassguardError
 from passguard.heap import Freezer
 from passguard.metrics import Metrics
 from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
@@ -38,6 +39,7 @@ from passguard.store.store import Store
 from passguard.targets import Target
 from passguard.web.auth import TokenStore
 from passguard.web.connections import ConnectionCap
+from passguard.web.listener import Listener
 from passguard.web.routes import build_app
 from passguard.web.tls import CertReloader
 from passguard.yielding import Budget
@@ -57,9 +59,9 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 #: Descriptors besides connections: the two databases and their WAL files,
 #: the log, target files, the event loop's own.
 FD_SPARE = 64
-#: listen() backlog, and how many connections asyncio accepts in one go
-#: (its default): a flood can hold this many descriptors beyond the cap for
-#: a moment, before the refused ones are closed.
+#: listen() backlog, and how many connections are accepted in one go. The
+#: kernel holds the backlog: it costs no descriptor, and a refused connection
+#: is closed before the next is accepted (passguard/web/listener.py).
 LISTEN_BACKLOG = 100
 
 
@@ -67,22 +69,35 @@ def fd_budget_warning(config: Config) -> str | None:
     """The connection cap protects the scrapes only if both fit in the file
     descriptors the process may open."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = config.limits.max_connections + config.scrape.concurrency + LISTEN_BACKLOG + FD_SPARE
+    need = config.limits.max_connections + config.scrape.concurrency + FD_SPARE
     if soft == resource.RLIM_INFINITY or need <= soft:
         return None
     return (f"limits.max_connections ({config.limits.max_connections}) + scrape.concurrency "
-            f"({config.scrape.concurrency}) + {LISTEN_BACKLOG} accepted at once + {FD_SPARE} "
-            f"spare exceed the open-file limit "
+            f"({config.scrape.concurrency}) + {FD_SPARE} spare exceed the open-file limit "
             f"({soft}): a connection flood can starve the scrapes. Raise LimitNOFILE or "
             "lower limits.max_connections")
+
+
+def _open_state(path: Path) -> tuple[StateDB, AuditLog]:
+    """The state database and the audit log beside it, or an error naming
+    the key and the file (a path under a file, a read-only disk, a database
+    from a newer passguard) instead of a traceback."""
+    db: StateDB | None = None
+    try:
+        db = StateDB(path)
+        return db, AuditLog(audit_path(path), legacy=path)
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        if db is not None:
+            db.close()
+        raise PassguardError(f"state.path: cannot open {path} or the audit log beside it: "
+                             f"{exc}") from None
 
 
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.db = StateDB(config.state_path)
-        self.audit = AuditLog(audit_path(config.state_path), legacy=config.state_path)
+        self.db, self.audit = _open_state(config.state_path)
         self.tokens = TokenStore(config.auth.tokens_file) if config.auth.tokens_file else None
         self.tls = CertReloader(config.auth.tls) if config.auth.tls else None
         self._background: list[asyncio.Task[None]] = []
@@ -95,7 +110,7 @@ class Daemon:
         self.notifier = Notifier.from_env()
         self.scheduler: AsyncIOScheduler | None = None
         self.runner: web.AppRunner | None = None
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self.connections: ConnectionCap | None = None
         self.stopping = asyncio.Event()
         self._cycle_lock = asyncio.Lock()
@@ -287,16 +302,15 @@ class Daemon:
                                     keepalive_timeout=self.config.limits.keepalive_timeout)
         await self.runner.setup()
         listen = self.config.listen
-        # Our own listener instead of a web.TCPSite: its protocol factory is
-        # where a connection cap can go (aiohttp has none).
+        # Our own listener instead of a web.TCPSite: the connection cap is
+        # applied at accept (aiohttp has none).
         assert self.runner.server is not None
         self.connections = ConnectionCap(self.runner.server, self.config.limits.max_connections,
-                                         TLS_HANDSHAKE_TIMEOUT,
                                          self.metrics.connections_refused.inc)
-        self._listener = await asyncio.get_running_loop().create_server(
-            self.connections, listen.host, listen.port, reuse_address=True, backlog=LISTEN_BACKLOG,
-            ssl=self.tls.context if self.tls else None,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.tls else None)
+        self._listener = await Listener.open(
+            self.connections, listen.host, listen.port, backlog=LISTEN_BACKLOG,
+            tls=self.tls.context if self.tls else None,
+            tls_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         if listen.port == 0:  # tests ask for any free port: record the real one
             self.config = replace(self.config, listen=replace(
                 listen, port=self._listener.sockets[0].getsockname()[1]))
@@ -373,7 +387,13 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # e.g. the listen address is taken: close what was opened (the
+            # databases among it) and let the CLI name the problem.
+            await self.stop()
+            raise
         # What is alive now (modules, classes, the restored window) lives as long
         # as the process. Frozen, it is left out of the collector's full passes,
         # which otherwise hold the GIL for 20-30 ms (~60,000 objects, measured)

@@ -3,29 +3,23 @@
 aiohttp has no connection limit: every accepted socket gets a handler until
 ``keepalive_timeout`` closes it. Thousands of idle connections would take the
 file descriptors the scraper needs for the proxies (one per scrape in
-flight), and with them the evidence. :class:`ConnectionCap` is the protocol
-factory given to ``loop.create_server``: while ``limit`` connections are open
-it answers a new one with ``503`` and closes it, without reading anything.
+flight), and with them the evidence. :class:`ConnectionCap` does the
+counting; the listener (:mod:`passguard.web.listener`) asks it at each
+accept, and a connection it does not admit is answered ``503`` and closed
+there and then, without reading anything.
 
-A connection counts from its accept until it is lost. Under TLS the
-handshake comes between the two; asyncio never reports a handshake that
-fails, so a connection still handshaking after ``handshake_timeout`` (after
-which asyncio has aborted it) stops counting.
+A connection counts from its accept until it is lost, or until its start
+fails (a TLS handshake that fails or times out), which the listener reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-
-#: Past asyncio's own handshake timeout: by then the handshake ended one way or
-#: the other.
-_HANDSHAKE_SLACK = 1.0
 
 
 def refusal(limit: int) -> bytes:
@@ -41,12 +35,11 @@ def refusal(limit: int) -> bytes:
 class _Counted(asyncio.Protocol):
     """aiohttp's handler (slotted, so not patchable), with its end reported."""
 
-    __slots__ = ("_cap", "_inner", "accepted")
+    __slots__ = ("_cap", "_inner")
 
     def __init__(self, inner: Any, cap: ConnectionCap) -> None:
         self._inner = inner
         self._cap = cap
-        self.accepted = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._cap._made(self)
@@ -70,48 +63,41 @@ class _Counted(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
 
-class _Refused(asyncio.Protocol):
-    def __init__(self, answer: bytes) -> None:
-        self._answer = answer
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self._answer)
-        transport.close()
-
-
 class ConnectionCap:
-    """Protocol factory: aiohttp's handler while under ``limit`` connections."""
+    """Counts open connections; admits new ones while under ``limit``."""
 
-    def __init__(self, server: web.Server, limit: int, handshake_timeout: float,
+    def __init__(self, server: web.Server, limit: int,
                  on_refused: Callable[[], None] = lambda: None) -> None:
         self._server = server
         self.limit = limit
-        self._handshake = handshake_timeout + _HANDSHAKE_SLACK
         self._on_refused = on_refused
-        self._answer = refusal(limit)
+        self.answer = refusal(limit)
         self._open: set[_Counted] = set()
-        self._pending: set[_Counted] = set()  # accepted, not yet made (TLS handshake)
+        self._pending: set[_Counted] = set()  # admitted, not yet made (TLS handshake)
 
     def resize(self, limit: int) -> None:
         """A reload: connections over a lowered limit stay until they close."""
         self.limit = limit
-        self._answer = refusal(limit)
+        self.answer = refusal(limit)
 
     @property
     def open(self) -> int:
         return len(self._open) + len(self._pending)
 
-    def __call__(self) -> asyncio.BaseProtocol:
-        if self.open >= self.limit and self._pending:
-            oldest = time.monotonic() - self._handshake
-            self._pending = {p for p in self._pending if p.accepted > oldest}
+    def admit(self) -> asyncio.Protocol | None:
+        """aiohttp's handler for a connection just accepted, counted from
+        now; or None (and a refusal counted) when ``limit`` are open."""
         if self.open >= self.limit:
             self._on_refused()
-            return _Refused(self._answer)
+            return None
         proto = _Counted(self._server(), self)
         self._pending.add(proto)
         return proto
+
+    def abandon(self, proto: asyncio.Protocol) -> None:
+        """The connection of ``proto`` never started: its place is free."""
+        if isinstance(proto, _Counted):
+            self._lost(proto)
 
     def _made(self, proto: _Counted) -> None:
         self._pending.discard(proto)

@@ -472,11 +472,15 @@ async def _flood_env(tmp_path: Path, max_connections: int, nofile: int
     return pg, fleet, Env(pg, fleet)
 
 
-async def _flood(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+async def _flood(port: int, count: int, patience: float = 1.0
+                 ) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """Up to ``count`` connections, one after the other, until one is not
+    taken within ``patience`` (a full listen backlog drops SYNs, and the
+    kernel sends the next one a second later)."""
     conns = []
-    for _ in range(count):  # past 128 fds the listen backlog (128) fills, then SYNs wait
+    for _ in range(count):
         try:
-            async with asyncio.timeout(1):
+            async with asyncio.timeout(patience):
                 conns.append(await asyncio.open_connection("127.0.0.1", port))
         except (TimeoutError, OSError):
             break
@@ -491,16 +495,21 @@ def _last_success(state: Path, key_part: str) -> float:
 
 
 async def test_connection_flood_is_capped_and_scraping_goes_on(tmp_path: Path) -> None:
-    """limits.max_connections (64) within the fd limit (300: 64 + 8 scrapes +
-    100 accepted at once + 64 spare): 300 idle connections, as many as the fd
-    limit, get the cap's 503 past the 64th; the daemon never runs out of file
+    """limits.max_connections (64) with the fd limit at exactly the budget
+    passguard asks for (136: 64 + 8 scrapes + 64 spare): 300 idle connections
+    get the cap's 503 past the 64th; the daemon never runs out of file
     descriptors, its scrapes go on during the flood, and it answers as soon
-    as connections are free again."""
-    pg, fleet, e = await _flood_env(tmp_path, 64, 300)
+    as connections are free again. (Refused connections must be closed as
+    they are accepted: with asyncio's create_server they were closed turns of
+    the loop later, a burst held up to 300 descriptors, and in one CI run
+    accept hit EMFILE and stopped for a second.) The patience of 3 s per
+    connection lets a loaded machine's stall pass; the daemon stays within
+    its descriptors either way."""
+    pg, fleet, e = await _flood_env(tmp_path, 64, 136)
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         flood_start = time.time()
-        conns = await _flood(e.port, 300)
+        conns = await _flood(e.port, 300, patience=3.0)
         # The ones past the cap were answered and closed without a word from us.
         refused = []
         for reader, _ in conns[64:]:
@@ -529,7 +538,7 @@ async def test_connection_flood_is_capped_and_scraping_goes_on(tmp_path: Path) -
         log = pg.log.read_text(errors="replace")
         assert "Too many open files" not in log and "can starve the scrapes" not in log, [
             line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
-        print(f"\nflood capped at 64: 236 of 300 refused with 503, fds {fds:.0f} of 300, "
+        print(f"\nflood capped at 64: 236 of 300 refused with 503, fds {fds:.0f} of 136, "
               "scrapes went on")
     finally:
         for _, w in conns:

@@ -281,3 +281,29 @@ def test_non_loopback_bind_without_auth_refuses_to_start(tmp_path: Path) -> None
     assert res.returncode == 2
     assert "is not a loopback address and no authentication is configured" in res.stderr
     assert "auth.insecure" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_start_failures_name_the_key_and_leave_no_traceback(tmp_path: Path) -> None:
+    """What stops a start (the listen port taken, a state path no database
+    can be made at) is one line naming the key, exit 2, never a traceback."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"listen: 127.0.0.1:{port}\nstate: {{path: s.db}}\n")
+        res = subprocess.run([sys.executable, "-m", "passguard", "run", "-c", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr
+        assert (f"passguard: listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+                in res.stderr) and "Traceback" not in res.stderr
+    finally:
+        taken.close()
+    (tmp_path / "a-file").write_text("")
+    cfg.write_text(f"listen: 127.0.0.1:{free_port()}\nstate: {{path: a-file/s.db}}\n")
+    res = subprocess.run([sys.executable, "-m", "passguard", "run", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "passguard: state.path: cannot open" in res.stderr and "a-file" in res.stderr
+    assert "Traceback" not in res.stderr
