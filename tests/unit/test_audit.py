@@ -174,3 +174,46 @@ def test_entries_an_old_version_wrote_after_the_move_are_kept(tmp_path: Path) ->
     _old_layout(state, 7, 8)  # ids 1 and 2 as well
     AuditLog(audit_path(state), legacy=state).close()
     assert rows(audit_path(state)) == [(1, "m1"), (2, "m2"), (3, "m7"), (4, "m8")]
+
+
+def test_retention_deletes_in_chunks_and_lets_answers_through(tmp_path: Path) -> None:
+    """Exactly the entries older than the cut go, oldest first, a chunk per
+    transaction; a decision recorded while a long prune runs is written
+    between its chunks instead of waiting for the whole prune."""
+    log = AuditLog(tmp_path / "a.db")
+    old = [entry(n) for n in range(3000)]
+    for n, e in enumerate(old):
+        e.time = 1000.0 + n
+    keep = entry(9999)
+    keep.time = 5000.0
+
+    async def fill() -> None:
+        await log.record([*old, keep])
+
+    asyncio.run(fill())
+    done = threading.Event()
+    removed: list[int] = []
+
+    def prune() -> None:
+        # 3000 chunks of one with 2 ms rests: seconds, against one record.
+        removed.append(log.prune(4000.0 - 1000.0, chunk=1, pause=0.002))
+        done.set()
+
+    pruner = threading.Thread(target=prune)
+    pruner.start()
+
+    async def during() -> bool:
+        await asyncio.sleep(0.05)
+        late = entry(10_000)
+        await log.record([late])
+        return done.is_set()
+
+    prune_was_over = asyncio.run(during())
+    pruner.join(60)
+    assert not prune_was_over  # the record did not wait for the prune
+    assert removed == [2000]
+    left = rows(tmp_path / "a.db")
+    assert [m for _, m in left][:2] == ["m2000", "m2001"] and len(left) == 1000 + 2
+    assert {"m9999", "m10000"} <= {m for _, m in left}
+    assert log.prune(4000.0 - 1000.0) == 0
+    log.close()
