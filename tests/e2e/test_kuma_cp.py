@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import trustme
 
 from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, passthrough_connect, send_traffic
 from passguard.envoy.admin import AdminClient
@@ -393,7 +394,6 @@ async def test_kuma_dp_mode_needs_an_address(cp: FakeKumaCP, token_file: Path,
 
 
 async def test_tls_ca_file(tmp_path: Path, token_file: Path, sources: Sources) -> None:
-    trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
