@@ -63,6 +63,9 @@ class AuditEntry:
     break_glass: str | None = None
     time: float = field(default_factory=time.time)
     id: int | None = None
+    #: ``evidence`` already encoded (the decision's), so the writer thread
+    #: does not encode it again while holding the GIL.
+    evidence_json: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,10 +106,16 @@ _Row = tuple[Any, ...]
 _Waiter = tuple[list["AuditEntry"], asyncio.Future[None], asyncio.AbstractEventLoop]
 
 
+def _evidence_json(e: AuditEntry) -> str | None:
+    if e.evidence is None:
+        return None
+    return e.evidence_json if e.evidence_json is not None else json.dumps(e.evidence)
+
+
 def _rows(entries: Iterable[AuditEntry]) -> list[_Row]:
     return [(e.time, e.source, e.requester, e.mesh, e.mode, e.verdict, int(e.dry_run),
              e.break_glass, json.dumps(e.reasons), json.dumps(e.documents),
-             json.dumps(e.evidence) if e.evidence is not None else None)
+             _evidence_json(e))
             for e in entries]
 
 

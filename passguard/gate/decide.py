@@ -8,8 +8,10 @@ same answer (before and after a restart, on every replica).
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from passguard.config import GatePolicy, format_duration
@@ -75,6 +77,10 @@ class Decision:
     warnings: list[str] = field(default_factory=list)
     break_glass: str | None = None
     digest: str = ""
+    #: ``evidence`` as JSON, when its summary encoded it (once per snapshot):
+    #: the response and the audit entry use the text instead of encoding the
+    #: same dict again for every request.
+    evidence_json: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -241,6 +247,12 @@ class Summary:
     evidence: dict[str, Any]  # shared by the decisions that use it: never mutated
     select_warning: str | None
 
+    @cached_property
+    def evidence_json(self) -> str:
+        """``evidence`` encoded, once: it was ~8 % of the event loop's time at
+        500 requests/s, encoding the same few dicts for every response."""
+        return json.dumps(self.evidence)
+
 
 def _ref_key(ref: TargetRef) -> tuple[Any, ...]:
     return (ref.kind, ref.name, tuple(sorted(ref.labels.items())),
@@ -369,6 +381,7 @@ def decide(change: Change, evidence: Evidence, policy: GatePolicy,
     if summary.select_warning:
         dec.warnings.append(f"{r.kind} {r.name}: {summary.select_warning}")
     dec.evidence = summary.evidence
+    dec.evidence_json = summary.evidence_json
     dec.reasons.extend(summary.reasons)
     base: Verdict = "deny" if summary.outcome == "traffic" else \
         "allow" if summary.outcome == "clear" else policy.on_insufficient_data

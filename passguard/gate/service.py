@@ -6,6 +6,8 @@ pipeline gets the same answer from either.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from passguard.config import GateConfig
@@ -29,3 +31,28 @@ def check(docs: list[Any], old_docs: list[Any] | None, snapshot: Snapshot,
         body["evidence_source"] = ("one scrape: each proxy's counters since it started "
                                    "(no evidence window)")
     return body, decisions
+
+
+def _with_key(encoded: str, key: str, value: str) -> str:
+    """``encoded`` (a JSON object) with ``key: value`` (JSON text) added."""
+    sep = "" if encoded == "{}" else ", "
+    return f"{encoded[:-1]}{sep}{json.dumps(key)}: {value}}}"
+
+
+def encode(body: dict[str, Any], decisions: Sequence[Decision]) -> str:
+    """``json.dumps(body)`` for a body from :func:`check`, with each
+    decision's evidence spliced in as the text its summary encoded once per
+    snapshot. A body whose decisions do not line up with ``decisions`` (or
+    hold another evidence object) is encoded whole."""
+    items = body.get("decisions")
+    if not isinstance(items, list) or len(items) != len(decisions):
+        return json.dumps(body)
+    parts = []
+    for item, d in zip(items, decisions, strict=True):
+        if d.evidence_json is None or item.get("evidence") is not d.evidence:
+            parts.append(json.dumps(item))
+            continue
+        rest = json.dumps({k: v for k, v in item.items() if k != "evidence"})
+        parts.append(_with_key(rest, "evidence", d.evidence_json))
+    head = json.dumps({k: v for k, v in body.items() if k != "decisions"})
+    return _with_key(head, "decisions", "[" + ", ".join(parts) + "]")

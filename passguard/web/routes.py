@@ -19,7 +19,7 @@ from passguard.audit import AuditEntry
 from passguard.config import format_duration, parse_duration
 from passguard.errors import InputError
 from passguard.gate import admission, service
-from passguard.gate.decide import Evidence, decide
+from passguard.gate.decide import Decision, Evidence, decide
 from passguard.gate.documents import Change, Resource
 from passguard.gate.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
@@ -235,7 +235,8 @@ async def get_destinations(request: web.Request) -> web.Response:
 
 
 async def decide_and_record(request: web.Request, docs: list[Any], source: str,
-                            requester: str, dry_run: bool = False) -> dict[str, Any]:
+                            requester: str, dry_run: bool = False
+                            ) -> tuple[dict[str, Any], list[Decision]]:
     """Decide, then write the audit entries *before* the answer leaves.
 
     An enforce-mode decision that cannot be recorded becomes a refusal that
@@ -246,7 +247,8 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
     entries = [AuditEntry(source=source, requester=requester, mesh=d.mesh, mode=d.mode,
                           verdict=d.verdict, reasons=d.reasons,
                           documents=[{"kind": d.kind, "name": d.name, "digest": d.digest}],
-                          evidence=d.evidence, dry_run=dry_run, break_glass=d.break_glass)
+                          evidence=d.evidence, evidence_json=d.evidence_json,
+                          dry_run=dry_run, break_glass=d.break_glass)
                for d in decisions]
     if not entries:
         entries = [AuditEntry(source=source, requester=requester, mesh=None,
@@ -270,7 +272,7 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
     log.info("%s by %s: %s%s (%s)", source, requester, body["verdict"],
              " [dry run]" if dry_run else "",
              ", ".join(f"{d.kind} {d.name} in {d.mesh}: {d.verdict}" for d in decisions) or "-")
-    return body
+    return body, decisions
 
 
 async def post_check(request: web.Request) -> web.Response:
@@ -281,8 +283,8 @@ async def post_check(request: web.Request) -> web.Response:
     # The whole header: the loader refuses a declared charset other than UTF-8.
     docs = load_documents(raw, request.headers.get("Content-Type"),
                           daemon.config.limits.documents)
-    body = await decide_and_record(request, docs, "check", request[REQUESTER])
-    return web.json_response(body)
+    body, decisions = await decide_and_record(request, docs, "check", request[REQUESTER])
+    return web.Response(text=service.encode(body, decisions), content_type="application/json")
 
 
 async def post_admission(request: web.Request) -> web.Response:
@@ -298,8 +300,8 @@ async def post_admission(request: web.Request) -> web.Response:
     requester = f"{req.username} (unverified)" if request[REQUESTER] == ANONYMOUS else \
         f"{req.username} via {request[REQUESTER]}"
     try:
-        body = await decide_and_record(request, admission.documents(req), "admission",
-                                       requester, req.dry_run)
+        body, _ = await decide_and_record(request, admission.documents(req), "admission",
+                                          requester, req.dry_run)
     except InputError as exc:
         # The object itself is unusable (not the envelope): refuse it with the
         # reason, as a 200 AdmissionReview the API server shows to the user.

@@ -217,3 +217,23 @@ def test_retention_deletes_in_chunks_and_lets_answers_through(tmp_path: Path) ->
     assert {"m9999", "m10000"} <= {m for _, m in left}
     assert log.prune(4000.0 - 1000.0) == 0
     log.close()
+
+
+def test_evidence_already_encoded_is_stored_as_it_is(tmp_path: Path) -> None:
+    """The decision's evidence text (encoded once per snapshot) is what the
+    row holds, and reads back as the evidence; without it the dict is encoded."""
+    log = AuditLog(tmp_path / "a.db")
+    given = entry(1, {"dataplanes": {"total": 2}})
+    given.evidence_json = '{"dataplanes": {"total": 2}}'
+    plain = entry(2, {"dataplanes": {"total": 3}})
+    asyncio.run(log.record([given, plain]))
+    db = sqlite3.connect(tmp_path / "a.db")
+    try:
+        stored = db.execute("SELECT evidence FROM audit ORDER BY id").fetchall()
+    finally:
+        db.close()
+    assert stored == [('{"dataplanes": {"total": 2}}',), ('{"dataplanes": {"total": 3}}',)]
+    newest, _ = log.query()
+    assert [e.evidence for e in newest] == [{"dataplanes": {"total": 3}},
+                                          {"dataplanes": {"total": 2}}]
+    log.close()

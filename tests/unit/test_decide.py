@@ -255,8 +255,11 @@ def test_a_shared_memo_gives_exactly_the_decisions_without_it() -> None:
     compared = 0
     for _ in range(2):
         for ev, ch, pol in itertools.product(evidences, changes, policies):
-            assert _as_json(decide(ch, ev, pol, memo)) == _as_json(decide(ch, ev, pol)), \
-                (ev, ch, pol)
+            d = decide(ch, ev, pol, memo)
+            assert _as_json(d) == _as_json(decide(ch, ev, pol)), (ev, ch, pol)
+            # The evidence encoded once per summary says what the dict says.
+            assert (d.evidence_json is None) == (d.evidence is None)
+            assert d.evidence_json is None or json.loads(d.evidence_json) == d.evidence
             compared += 1
     assert compared == 2 * len(evidences) * len(changes) * len(policies)
     assert 0 < len(memo) < compared // 2  # shared, not one entry per question
@@ -272,3 +275,35 @@ def test_the_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         d = decide(matched(Match("IP", f"10.0.0.{i}", 443)), ev, ENF, memo)
         assert d.verdict == "deny"
     assert len(memo) == 3
+
+
+def test_responses_with_the_evidence_spliced_in_read_as_the_body() -> None:
+    """service.encode() splices each decision's evidence in as the text its
+    summary encoded; read back, it is the body, for every decision of the
+    table alone and in pairs, after the route has changed the body (an audit
+    failure turns it into a deny with a warning), and when the decisions do
+    not line up with the body (encoded whole)."""
+    from passguard.gate import service
+    from passguard.gate.decide import overall
+
+    memo: dict[Any, Any] = {}
+    dests = (dest("web-1", "10.0.0.1:443", 30),)
+    decisions = [decide(ch, Evidence("default", 900.0, dps, dests if n == "traffic" else ()),
+                        pol, memo)
+                 for n, dps in EVIDENCE.items()
+                 for ch in [*REDUCING.values(), *NOT_REDUCING.values(),
+                            matched(Match("CIDR", "10.0.0.0/8"))]
+                 for pol in (ENF, GatePolicy("warn", "allow"))]
+    assert any(d.evidence_json is not None for d in decisions)
+    groups = [[d] for d in decisions] + [list(p) for p in itertools.pairwise(decisions)] + [[]]
+    for group in groups:
+        body = overall(group, "enforce", ["a warning"])
+        assert json.loads(service.encode(body, group)) == body
+        body["allowed"], body["verdict"] = False, "deny"
+        body["warnings"].append("the audit log cannot be written")
+        assert json.loads(service.encode(body, group)) == body
+        if group:
+            assert json.loads(service.encode(body, group[:-1])) == body
+            body["decisions"][0]["evidence"] = {"replaced": True}
+            assert json.loads(service.encode(body, group)) == body
+    assert json.loads(service.encode({"allowed": True}, [])) == {"allowed": True}
