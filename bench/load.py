@@ -479,7 +479,7 @@ def start(args: argparse.Namespace, tmp: Path) -> Setup:
     cfg = {
         "listen": f"127.0.0.1:{port}",
         "scrape": {"interval": f"{interval:g}s", "timeout": f"{min(5.0, interval * 0.8):g}s"},
-        "window": f"{max(900.0, 2 * interval):g}s",
+        "window": f"{max(args.window, 2 * interval):g}s",
         "state": {"path": str(Path(args.state_dir or tmp) / "state.db")},
         "destinations": {"interval": f"{args.destinations_interval:g}s"},
         "sources": [{"kind": "envoy", "target_files": [str(tmp / "targets.yaml")]}],
@@ -660,6 +660,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clusters", type=int, default=100,
                    help="service clusters per sidecar (100)")
     p.add_argument("--interval", type=float, default=15.0, help="scrape.interval in s (15)")
+    p.add_argument("--window", type=float, default=900.0,
+                   help="passguard's evidence window in s (900, the default; at least "
+                        "twice --interval). A --warmup as long puts the run where the "
+                        "window first fills and old evidence starts to age out")
     p.add_argument("--destinations-interval", type=float, default=60.0,
                    help="destinations.interval in s (60)")
     p.add_argument("--patterns", default=None, help="fleet traffic mix (bench/fleet.py)")
