@@ -28,6 +28,7 @@ from passguard import config as config_mod
 from passguard.audit import AuditLog, audit_path
 from passguard.config import Config
 from passguard.errors import ConfigError, PassguardError
+from passguard.gate import service
 from passguard.heap import Freezer
 from passguard.metrics import Metrics
 from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
@@ -156,7 +157,7 @@ class Daemon:
                 # the failure is counted and logged for the operator.
                 self.metrics.persist_failures.inc()
                 log.error("could not write state to %s: %s", self.config.state_path, exc)
-            await self.store.build_snapshot_async(now, extra)
+            await self.store.build_snapshot_async(now, extra, prepare=service.prepare)
             self.heap.after_cycle()
             self.metrics.cycle_seconds.set(time.monotonic() - start)
             failed = sum(1 for r in results if r.error)
@@ -207,7 +208,8 @@ class Daemon:
                 self.metrics.persist_failures.inc()
                 log.error("could not write destinations to %s: %s", self.config.state_path, exc)
             views = await self.store.book.views_async(now - self.config.window, budget)
-            self.store.snapshot = replace(self.store.snapshot, destinations=views)
+            await self.store.publish_async(replace(self.store.snapshot, destinations=views),
+                                           budget, service.prepare)
 
     def _schedule(self) -> None:
         assert self.scheduler is not None

@@ -11,9 +11,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from passguard.config import GateConfig
-from passguard.gate.decide import Decision, Evidence, decide, overall
-from passguard.gate.documents import parse_documents
+from passguard.gate.decide import ALL, GENERIC, Decision, Evidence, decide, overall, summarize
+from passguard.gate.documents import TargetRef, parse_documents
 from passguard.store.snapshot import Snapshot
+
+#: What nearly every request asks about a mesh: passthrough off for all of
+#: it (a Mesh flag or a MeshPassthrough deleted: the generic families; a
+#: MeshPassthrough ``None``: every family).
+COMMON_QUESTIONS = ((TargetRef(), GENERIC, None), (TargetRef(), ALL, None))
+
+
+def prepare(snapshot: Snapshot, mesh: str) -> None:
+    """Compute the common summaries of ``mesh`` into the snapshot's memo (and
+    their JSON), before the snapshot is published: otherwise the first
+    request about each mesh after every cycle computed them, all within a few
+    milliseconds of each other, and the requests behind them waited (a burst
+    of answers over 10 ms at each cycle's end at 500 req/s)."""
+    evidence = Evidence(mesh, snapshot.window_seconds, snapshot.for_mesh(mesh),
+                        snapshot.destinations_of(mesh))
+    for ref, families, allowed in COMMON_QUESTIONS:
+        _ = summarize(ref, families, allowed, evidence, snapshot.memo).evidence_json
 
 
 def check(docs: list[Any], old_docs: list[Any] | None, snapshot: Snapshot,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from passguard.envoy.clusters import Destination as EnvoyDestination
 from passguard.scraper import ScrapeResult
@@ -223,11 +223,18 @@ class Store:
 
     async def build_snapshot_async(self, now: float,
                                    extra: Iterable[DataplaneEvidence] | None = None,
-                                   budget: Budget | None = None) -> Snapshot:
+                                   budget: Budget | None = None,
+                                   prepare: Callable[[Snapshot, str], None] | None = None
+                                   ) -> Snapshot:
         """The same snapshot, handing the event loop back whenever ``budget``
         (~1 ms) is spent: 1,000 dataplanes take 15–40 ms, and gate requests
         must not wait for them. Only the poller, which holds the cycle lock,
-        changes the histories."""
+        changes the histories.
+
+        ``prepare(snapshot, mesh)`` runs for each mesh before the snapshot is
+        published (the gate computes what every request about that mesh will
+        ask for): in the poller's time slices, instead of in the first
+        requests after the switch, which all arrived at once."""
         budget = budget or Budget()
         out = []
         for key, target in list(self.targets.items()):
@@ -235,7 +242,18 @@ class Store:
                 await budget.pause()
             out.append(self._evidence(key, target, now))
         views = await self.book.views_async(self._window_start(now), budget)
-        return self._publish(now, out, extra, views)
+        return await self.publish_async(self._assemble(now, out, extra, views), budget, prepare)
+
+    async def publish_async(self, snap: Snapshot, budget: Budget,
+                            prepare: Callable[[Snapshot, str], None] | None = None) -> Snapshot:
+        """Publish ``snap`` once ``prepare`` has run for each of its meshes."""
+        if prepare is not None:
+            for mesh in snap.meshes():
+                if budget.spent():
+                    await budget.pause()
+                prepare(snap, mesh)
+        self.snapshot = snap
+        return snap
 
     def _evidence(self, key: str, target: Target, now: float) -> DataplaneEvidence:
         h = self.histories[key]
@@ -267,6 +285,13 @@ class Store:
     def _publish(self, now: float, out: list[DataplaneEvidence],
                  extra: Iterable[DataplaneEvidence] | None,
                  views: tuple[DestinationView, ...] | None = None) -> Snapshot:
+        snap = self._assemble(now, out, extra, views)
+        self.snapshot = snap
+        return snap
+
+    def _assemble(self, now: float, out: list[DataplaneEvidence],
+                  extra: Iterable[DataplaneEvidence] | None,
+                  views: tuple[DestinationView, ...] | None = None) -> Snapshot:
         if extra is not None:
             self.extra = tuple(extra)
         out.extend(d for d in self.extra if d.target.key not in self.targets)
@@ -274,5 +299,4 @@ class Store:
             views = self.book.views(self._window_start(now))
         snap = Snapshot(now, None if self.since_start else self.window, self.stale_after,
                         tuple(out), ready=self.cycles > 0 or self.restored, destinations=views)
-        self.snapshot = snap
         return snap

@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from passguard.config import GateConfig
 from passguard.envoy.clusters import Destination as Seen
+from passguard.gate import service
 from passguard.store.persistence import StateDB
 from passguard.store.store import Store
 from passguard.targets import Target
+from passguard.yielding import Budget
 
 
 def saved(path: Path) -> dict[str, int]:
@@ -135,3 +139,38 @@ def test_a_dataplane_is_quiet_only_when_its_counters_prove_it() -> None:
     store.set_targets([t])
     scrape(205.0, 6)
     assert not store.quiet_since_clusters_read(t.key)
+
+
+def test_a_snapshot_is_published_with_its_common_summaries_ready(tmp_path: Path) -> None:
+    """The gate's summaries for "passthrough off for the whole mesh" are in a
+    snapshot's memo before anyone can read it, from a cycle and from a
+    destinations pass alike; a request asking exactly that finds them there
+    (nothing computed on its path) and answers as without them."""
+    db, store, _, _ = two_dataplanes(tmp_path)
+    mesh_off = [{"type": "Mesh", "name": "m", "networking": {"outbound": {"passthrough": False}}}]
+    mp_none = [{"type": "MeshPassthrough", "name": "mp", "mesh": "m",
+                "spec": {"targetRef": {"kind": "Mesh"}, "default": {"passthroughMode": "None"}}}]
+    seen: list[tuple[int, int]] = []
+
+    def prepare(snap: object, mesh: str) -> None:
+        assert store.snapshot is not snap  # not published yet
+        service.prepare(snap, mesh)  # type: ignore[arg-type]
+        seen.append((id(snap), len(snap.memo)))  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        snap = await store.build_snapshot_async(1000.0, prepare=prepare)
+        assert store.snapshot is snap and len(snap.memo) == 2
+        for docs in (mesh_off, mp_none):
+            body, _ = service.check(docs, None, snap, GateConfig())
+            cold = snap.memo.copy()
+            assert len(snap.memo) == 2  # answered from the memo
+            snap.memo.clear()
+            assert service.check(docs, None, snap, GateConfig())[0] == body
+            snap.memo.update(cold)
+        views = store.book.views(0.0)
+        again = await store.publish_async(replace(snap, destinations=views), Budget(), prepare)
+        assert again is not snap and store.snapshot is again and len(again.memo) == 2
+
+    asyncio.run(main())
+    assert [n for _, n in seen] == [2, 2]
+    db.close()
