@@ -21,14 +21,20 @@ from passguard.store.snapshot import Snapshot
 COMMON_QUESTIONS = ((TargetRef(), GENERIC, None), (TargetRef(), ALL, None))
 
 
+def evidence_of(snapshot: Snapshot, mesh: str) -> Evidence:
+    """The evidence of ``mesh`` in ``snapshot``, built one way everywhere:
+    the memo finds a summary by the identity of these tuples."""
+    return Evidence(mesh, snapshot.window_seconds, snapshot.for_mesh(mesh),
+                    snapshot.destinations_of(mesh))
+
+
 def prepare(snapshot: Snapshot, mesh: str) -> None:
     """Compute the common summaries of ``mesh`` into the snapshot's memo (and
     their JSON), before the snapshot is published: otherwise the first
     request about each mesh after every cycle computed them, all within a few
     milliseconds of each other, and the requests behind them waited (a burst
     of answers over 10 ms at each cycle's end at 500 req/s)."""
-    evidence = Evidence(mesh, snapshot.window_seconds, snapshot.for_mesh(mesh),
-                        snapshot.destinations_of(mesh))
+    evidence = evidence_of(snapshot, mesh)
     for ref, families, allowed in COMMON_QUESTIONS:
         _ = summarize(ref, families, allowed, evidence, snapshot.memo).evidence_json
 
@@ -40,9 +46,8 @@ def check(docs: list[Any], old_docs: list[Any] | None, snapshot: Snapshot,
     decisions = []
     for change in parsed.changes:
         mesh = change.resource.mesh
-        evidence = Evidence(mesh, snapshot.window_seconds, snapshot.for_mesh(mesh),
-                            snapshot.destinations_of(mesh))
-        decisions.append(decide(change, evidence, gate.policy_for(mesh), snapshot.memo))
+        decisions.append(decide(change, evidence_of(snapshot, mesh), gate.policy_for(mesh),
+                                snapshot.memo))
     body = overall(decisions, gate.mode, parsed.warnings)
     if snapshot.window_seconds is None:
         body["evidence_source"] = ("one scrape: each proxy's counters since it started "

@@ -19,7 +19,7 @@ from passguard.audit import AuditEntry
 from passguard.config import format_duration, parse_duration
 from passguard.errors import InputError
 from passguard.gate import admission, service
-from passguard.gate.decide import Decision, Evidence, decide
+from passguard.gate.decide import Decision, decide
 from passguard.gate.documents import Change, Resource
 from passguard.gate.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
@@ -168,9 +168,8 @@ def verdict_if_disabled(snap: Snapshot, mesh: str, daemon: Daemon) -> str:
     """What the gate would answer now for ``passthrough: false`` on this mesh."""
     probe = Resource("Mesh", mesh, mesh, "universal", "None")
     decision = decide(Change(probe, None, "assumed"),
-                      Evidence(mesh, snap.window_seconds, snap.for_mesh(mesh),
-                               snap.destinations_of(mesh)),
-                      daemon.config.gate.policy_for(mesh), snap.memo)
+                      service.evidence_of(snap, mesh), daemon.config.gate.policy_for(mesh),
+                      snap.memo)
     return decision.verdict
 
 

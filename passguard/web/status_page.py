@@ -38,7 +38,8 @@ from urllib.parse import quote
 
 from passguard import __version__
 from passguard.config import GatePolicy, format_duration
-from passguard.gate.decide import Decision, Evidence, decide
+from passguard.gate import service
+from passguard.gate.decide import Decision, decide
 from passguard.gate.documents import Change, Resource
 from passguard.store.snapshot import DataplaneEvidence, Snapshot
 
@@ -118,8 +119,8 @@ def probe_decision(snap: Snapshot, mesh: str) -> Decision:
     the mesh's policy (the policy only caps the verdict)."""
     probe = Resource("Mesh", mesh, mesh, "universal", "None")
     return decide(Change(probe, None, "assumed"),
-                  Evidence(mesh, snap.window_seconds, snap.for_mesh(mesh)),
-                  GatePolicy(mode="enforce", on_insufficient_data="deny"))
+                  service.evidence_of(snap, mesh),
+                  GatePolicy(mode="enforce", on_insufficient_data="deny"), snap.memo)
 
 
 def answer_for(gate_verdict: str, probe: Decision) -> Answer:
