@@ -1,4 +1,5 @@
-"""Document interpretation: real Kuma files from ../shared/fixtures/kuma and bad input."""
+"""Document interpretation: Kuma-format files (the project's own in tests/data/kuma,
+Kuma's own ones as cross-checks) and bad input."""
 
 from __future__ import annotations
 
@@ -10,32 +11,62 @@ import pytest
 from passguard.errors import InputError
 from passguard.gate.documents import parse_documents, parse_resource
 from passguard.gate.loader import load_documents
-
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "kuma"
-
-
-def load(name: str) -> list[Any]:
-    return load_documents((FIXTURES / name).read_bytes())
+from tests.kuma_fixtures import cross_check, kuma, own
 
 
-def test_fixtures_dir_exists() -> None:
-    assert FIXTURES.is_dir(), f"shared fixtures expected at {FIXTURES}"
+def load(path: Path) -> list[Any]:
+    return load_documents(path.read_bytes())
 
 
+@pytest.mark.parametrize("name", ["mesh/mesh-passthrough-false.k8s.yaml",
+                                  "mesh/mesh-passthrough-false.universal.yaml"])
+def test_mesh_documents_disable_passthrough(name: str) -> None:
+    [r] = [parse_resource(d, "doc") for d in load(own(name))]
+    assert not isinstance(r, str)
+    assert (r.kind, r.name, r.mesh, r.mode) == ("Mesh", "payments", "payments", "None")
+
+
+def test_meshpassthrough_documents() -> None:
+    [none] = load(own("meshpassthrough/disable.universal.yaml"))
+    r = parse_resource(none, "doc")
+    assert not isinstance(r, str)
+    assert (r.mode, r.mesh, r.target_ref.kind) == ("None", "payments", "Dataplane")
+    [some] = load(own("meshpassthrough/allow-some.universal.yaml"))
+    r = parse_resource(some, "doc")
+    assert not isinstance(r, str)
+    assert r.mode == "Matched" and len(r.matches) == 4
+    assert r.target_ref.labels == {"app": "checkout"}
+    assert {m.type for m in r.matches} == {"Domain", "IP", "CIDR"}
+
+
+def test_spec_wrapped_as_universal_defaults_to_matched() -> None:
+    [spec] = load(own("meshpassthrough/spec.yaml"))
+    r = parse_resource({"type": "MeshPassthrough", "name": "x", "mesh": "m", "spec": spec}, "d")
+    assert not isinstance(r, str)
+    # passthroughMode unset: the CRD's default is Matched.
+    assert r.mode == "Matched" and len(r.matches) == 3
+    assert r.matches[1].value == "198.51.100.0/24"  # CIDR normalised
+
+
+# --------------------------------------------------------------------------- Kuma's own files
+
+
+@cross_check
 @pytest.mark.parametrize("name", ["mesh/website-mesh-passthrough-false.k8s.yaml",
                                   "mesh/website-mesh-passthrough-false.universal.yaml"])
-def test_mesh_fixtures_disable_passthrough(name: str) -> None:
-    [r] = [parse_resource(d, "doc") for d in load(name)]
+def test_kuma_mesh_fixtures_disable_passthrough(name: str) -> None:
+    [r] = [parse_resource(d, "doc") for d in load(kuma(name))]
     assert not isinstance(r, str)
     assert (r.kind, r.name, r.mesh, r.mode) == ("Mesh", "default", "default", "None")
 
 
-def test_meshpassthrough_fixtures() -> None:
-    [none] = load("meshpassthrough/website-disable-passthrough.universal.yaml")
+@cross_check
+def test_kuma_meshpassthrough_fixtures() -> None:
+    [none] = load(kuma("meshpassthrough/website-disable-passthrough.universal.yaml"))
     r = parse_resource(none, "doc")
     assert not isinstance(r, str)
     assert (r.mode, r.mesh, r.target_ref.kind) == ("None", "default", "Dataplane")
-    [some] = load("meshpassthrough/website-allow-some-passthrough.universal.yaml")
+    [some] = load(kuma("meshpassthrough/website-allow-some-passthrough.universal.yaml"))
     r = parse_resource(some, "doc")
     assert not isinstance(r, str)
     assert r.mode == "Matched" and len(r.matches) == 5
@@ -43,13 +74,16 @@ def test_meshpassthrough_fixtures() -> None:
     assert {m.type for m in r.matches} == {"Domain", "IP", "CIDR"}
 
 
-def test_spec_fixture_wrapped_as_universal_defaults_to_matched() -> None:
-    [spec] = load("meshpassthrough/v2.14.3-valid.spec.input.yaml")
+@cross_check
+def test_kuma_spec_fixture_wrapped_as_universal_defaults_to_matched() -> None:
+    [spec] = load(kuma("meshpassthrough/v2.14.3-valid.spec.input.yaml"))
     r = parse_resource({"type": "MeshPassthrough", "name": "x", "mesh": "m", "spec": spec}, "d")
     assert not isinstance(r, str)
-    # passthroughMode unset: the CRD's default is Matched.
     assert r.mode == "Matched" and len(r.matches) == 6
     assert r.matches[2].value == "1.2.3.0/24"  # CIDR normalised
+
+
+# --------------------------------------------------------------------------- other input
 
 
 def test_object_old_object_pair_and_other_kinds() -> None:
