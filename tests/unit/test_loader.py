@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,7 @@ from hypothesis import strategies as st
 from passguard.errors import InputError
 from passguard.gate import loader as loader_module
 from passguard.gate.loader import MAX_NUMBER_CHARS, Limits, load_documents
-
-#: The shared Kuma fixtures live next to the repository (as for test_documents).
-_SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-FIXTURES = Path(os.environ.get("PASSGUARD_FIXTURES", _SHARED)) / "kuma"
+from tests.kuma_fixtures import cross_check, kuma, own
 
 #: Every hostile input must be refused within this many seconds.
 TIME_BOUND = 3.0
@@ -46,11 +42,8 @@ def yaml_loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
 
 def fixture(relative: str) -> bytes:
-    path = FIXTURES / relative
-    # A missing fixture fails: skipping would hide that the real Kuma files
-    # (../shared/fixtures/kuma, beside the clone) were never tested against.
-    assert path.exists(), f"fixture {path} is missing: put shared/ beside the clone"
-    return path.read_bytes()
+    """The project's own Kuma-format test data (tests/data/kuma)."""
+    return own(relative).read_bytes()
 
 
 DEFAULT_LIMITS = Limits()
@@ -75,46 +68,46 @@ def refused(
 @pytest.mark.usefixtures("yaml_loader")
 class TestGoodYAML:
     def test_kubernetes_mesh(self) -> None:
-        docs = load_documents(fixture("mesh/website-mesh-passthrough-false.k8s.yaml"))
+        docs = load_documents(fixture("mesh/mesh-passthrough-false.k8s.yaml"))
         assert docs == [
             {
                 "apiVersion": "kuma.io/v1alpha1",
                 "kind": "Mesh",
-                "metadata": {"name": "default"},
+                "metadata": {"name": "payments"},
                 "spec": {"networking": {"outbound": {"passthrough": False}}},
             }
         ]
 
     def test_universal_mesh(self) -> None:
-        docs = load_documents(fixture("mesh/website-mesh-passthrough-false.universal.yaml"))
+        docs = load_documents(fixture("mesh/mesh-passthrough-false.universal.yaml"))
         assert docs == [
-            {"type": "Mesh", "name": "default", "networking": {"outbound": {"passthrough": False}}}
+            {"type": "Mesh", "name": "payments", "networking": {"outbound": {"passthrough": False}}}
         ]
 
     def test_meshpassthrough_documents(self) -> None:
         allow = load_documents(
-            fixture("meshpassthrough/website-allow-some-passthrough.universal.yaml")
+            fixture("meshpassthrough/allow-some.universal.yaml")
         )
         assert allow[0]["type"] == "MeshPassthrough"
         matches = allow[0]["spec"]["default"]["appendMatch"]
         assert matches[0] == {
             "type": "Domain",
-            "value": "httpbin.org",
+            "value": "api.stripe.example",
             "protocol": "tls",
             "port": 443,
         }
-        assert matches[3]["value"] == "*.wikipedia.org"
+        assert matches[3]["value"] == "*.storage.example"
         disable = load_documents(
-            fixture("meshpassthrough/website-disable-passthrough.universal.yaml")
+            fixture("meshpassthrough/disable.universal.yaml")
         )
         assert disable[0]["spec"]["default"] == {"passthroughMode": "None"}
 
-    def test_multi_document_body_of_real_files(self) -> None:
+    def test_multi_document_body_of_files(self) -> None:
         names = [
-            "mesh/website-mesh-passthrough-false.k8s.yaml",
-            "mesh/website-mesh-passthrough-false.universal.yaml",
-            "meshpassthrough/website-allow-some-passthrough.universal.yaml",
-            "meshpassthrough/website-disable-passthrough.universal.yaml",
+            "mesh/mesh-passthrough-false.k8s.yaml",
+            "mesh/mesh-passthrough-false.universal.yaml",
+            "meshpassthrough/allow-some.universal.yaml",
+            "meshpassthrough/disable.universal.yaml",
         ]
         body = b"---\n".join(fixture(name) for name in names) + b"---\n"
         docs = load_documents(body, "application/yaml")
@@ -126,16 +119,26 @@ class TestGoodYAML:
         ]
 
     @pytest.mark.parametrize(
-        "name",
+        "path",
         [
-            "mesh/v2.14.3-kuma.io_meshes.crd.yaml",
-            "mesh/v2.14.3-kuma.io_meshpassthroughs.crd.yaml",
-            "mesh/v2.14.3-mesh.rest.yaml",
-            "meshpassthrough/v2.14.3-valid.spec.input.yaml",
+            pytest.param(lambda: own("crds/meshes.crd.yaml"), id="own-meshes-crd"),
+            pytest.param(lambda: own("crds/meshpassthroughs.crd.yaml"), id="own-mp-crd"),
+            pytest.param(lambda: own("meshpassthrough/spec.yaml"), id="own-spec"),
+            *[
+                pytest.param(lambda name=name: kuma(name), id=f"kuma-{name}", marks=cross_check)
+                for name in [
+                    "mesh/v2.14.3-kuma.io_meshes.crd.yaml",
+                    "mesh/v2.14.3-kuma.io_meshpassthroughs.crd.yaml",
+                    "mesh/v2.14.3-mesh.rest.yaml",
+                    "meshpassthrough/v2.14.3-valid.spec.input.yaml",
+                    "mesh/website-mesh-passthrough-false.k8s.yaml",
+                    "meshpassthrough/website-allow-some-passthrough.universal.yaml",
+                ]
+            ],
         ],
     )
-    def test_real_files_agree_with_pyyaml(self, name: str) -> None:
-        body = fixture(name)
+    def test_files_agree_with_pyyaml(self, path: Callable[[], Path]) -> None:
+        body = path().read_bytes()
         expected = [doc for doc in yaml.safe_load_all(body) if doc is not None]
         assert load_documents(body) == expected
 
@@ -247,7 +250,7 @@ class TestGoodJSON:
 
     def test_admission_review_style(self) -> None:
         mesh = json.loads(
-            json.dumps(yaml.safe_load(fixture("mesh/website-mesh-passthrough-false.k8s.yaml")))
+            json.dumps(yaml.safe_load(fixture("mesh/mesh-passthrough-false.k8s.yaml")))
         )
         old = {**mesh, "spec": {"networking": {"outbound": {"passthrough": True}}}}
         mesh["metadata"]["creationTimestamp"] = "2024-05-01T12:34:56Z"
