@@ -1,5 +1,6 @@
-"""The Kuma source's wire format: real API answers from ../shared/fixtures/kuma/api,
-the errors a malformed answer gives, TLS settings, and the test CP's shapes."""
+"""The Kuma source's wire format: API answers in Kuma's shapes (the project's own in
+tests/data/kuma/api; Kuma's own golden answers as cross-checks), the errors a
+malformed answer gives, TLS settings, and the test CP's shapes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 import json
 import re
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,44 +31,36 @@ from passguard.sources.kuma import (
 )
 from passguard.targets import Target
 from tests.kuma_cp import FakeDataplane, FakeKumaCP
+from tests.kuma_fixtures import cross_check, kuma, kuma_root, own
 
-API = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "kuma" / "api"
 DATAPLANE_TYPES = {"Dataplane", "DataplaneOverview"}
+#: Kuma's golden API answers whose items are dataplanes.
+KUMA_DATAPLANE_FILES = ["kumactl-inspect-dataplanes.golden.json",
+                        "list_dp_with_filters.golden.json",
+                        "meshes_mesh1_dataplanes_insights.json"]
 
 
-def load(name: str) -> Any:
-    return json.loads((API / name).read_text())
+def load(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
-def dataplane_fixtures() -> list[str]:
-    """Every API fixture whose items are dataplanes (found, not listed by hand)."""
-    out = []
-    for path in sorted(API.glob("*.json")):
-        doc = json.loads(path.read_text())
-        if isinstance(doc, dict) and any(isinstance(i, dict) and i.get("type") in DATAPLANE_TYPES
-                                         for i in doc.get("items") or []):
-            out.append(path.name)
-    return out
-
-
-def parse_fixture(name: str) -> dict[str, DataplaneInfo]:
-    page = parse_list_page(load(name), name)
-    return {dp.name: dp for dp in (parse_dataplane_item(item, f"{name}: items[{i}]")
+def parse_fixture(path: Path) -> dict[str, DataplaneInfo]:
+    page = parse_list_page(load(path), path.name)
+    return {dp.name: dp for dp in (parse_dataplane_item(item, f"{path.name}: items[{i}]")
                                    for i, item in enumerate(page.items))}
 
 
-def test_dataplane_fixtures_found() -> None:
-    assert dataplane_fixtures() == ["kumactl-inspect-dataplanes.golden.json",
-                                    "list_dp_with_filters.golden.json",
-                                    "meshes_mesh1_dataplanes_insights.json"]
-
-
-@pytest.mark.parametrize("name", dataplane_fixtures())
-def test_every_dataplane_fixture_parses(name: str) -> None:
-    doc = load(name)
-    page = parse_list_page(doc, name)
+@pytest.mark.parametrize("path", [
+    pytest.param(lambda: own("api/dataplanes-overview.json"), id="own-overview"),
+    pytest.param(lambda: own("api/dataplanes.json"), id="own-dataplanes"),
+    *[pytest.param(lambda name=name: kuma(f"api/{name}"), id=f"kuma-{name}", marks=cross_check)
+      for name in KUMA_DATAPLANE_FILES],
+])
+def test_every_dataplane_answer_parses(path: Callable[[], Path]) -> None:
+    doc = load(path())
+    page = parse_list_page(doc, "answer")
     assert page.total == len(page.items) and page.next is None
-    dps = parse_fixture(name)
+    dps = parse_fixture(path())
     assert len(dps) == len(page.items)
     for dp, item in zip(dps.values(), page.items, strict=True):
         assert (dp.mesh, dp.name) == (item["mesh"], item["name"])
@@ -74,10 +68,66 @@ def test_every_dataplane_fixture_parses(name: str) -> None:
         assert dp.address is not None
 
 
-def test_insights_fixture_old_service_tag_gateways_and_offline() -> None:
+def test_overview_service_tags_gateway_and_online_rules() -> None:
+    """dataplanes-overview.json: the old `service` tag, a DP without insight, a
+    reconnected DP with two inbounds, one never connected, a builtin gateway."""
+    dps = parse_fixture(own("api/dataplanes-overview.json"))
+    assert dps["api-1"] == DataplaneInfo(
+        mesh="payments", name="api-1", address="10.20.0.11", services=("api",),
+        tags={"service": "api", "team": "core"}, online=True)
+    assert dps["api-2"].online is False
+    # Disconnected from cp-a, then connected to cp-b: online.
+    assert dps["worker-1"].online is True
+    assert dps["worker-1"].services == ("worker", "worker-metrics")
+    assert dps["worker-1"].service == "worker"
+    assert dps["worker-1"].tags == {"kuma.io/service": "worker", "version": "v2"}
+    # A subscription without a connectTime: never connected.
+    assert dps["batch-1"].online is False
+    assert dps["edge-gw"].gateway and dps["edge-gw"].service == "edge"
+    assert dps["edge-gw"].online is True
+
+
+def test_plain_dataplanes_have_unknown_online_state() -> None:
+    dps = parse_fixture(own("api/dataplanes.json"))
+    assert dps["ledger-1"].online is None and dps["ledger-1"].address == "10.30.0.1"
+    assert dps["ledger-2"].services == ("audit", "ledger")
+    assert dps["ledger-2"].tags == {"kuma.io/service": "audit"}
+
+
+def test_mesh_list_paginated() -> None:
+    page = parse_list_page(load(own("api/meshes-page.json")), "GET /meshes")
+    assert page.total == 3 and len(page.items) == 2
+    assert page.next == "http://kuma-cp.example:5681/meshes?offset=2&size=2"
+    assert [parse_mesh_item(m, "m").name for m in page.items] == ["payments", "search"]
+
+
+def test_inspect_stats_is_envoy_text_without_uptime() -> None:
+    """An inspect answer is an Envoy `/stats` body: plain Envoy text, which
+    StatsParser refuses here only for lack of server.uptime."""
+    with pytest.raises(ScrapeError, match=r"no server\.uptime"):
+        StatsParser(DEFAULT_CLUSTERS_PATTERN).parse(own("api/inspect-stats.txt").read_text())
+
+
+# --------------------------------------------------------------------------- Kuma's own answers
+
+
+@cross_check
+def test_kuma_dataplane_fixtures_found() -> None:
+    """Every Kuma API golden whose items are dataplanes (found, not listed by hand)."""
+    found = []
+    for path in sorted((kuma_root() / "api").glob("*.json")):
+        doc = json.loads(path.read_text())
+        if isinstance(doc, dict) and any(isinstance(i, dict) and i.get("type") in DATAPLANE_TYPES
+                                         for i in doc.get("items") or []):
+            found.append(path.name)
+    assert found == KUMA_DATAPLANE_FILES
+
+
+@cross_check
+def test_kuma_insights_fixture_old_service_tag_gateways_and_offline() -> None:
     """meshes_mesh1_dataplanes_insights.json: `service` tag (pre-0.4 name), a DP
     without insight, a builtin and a delegated gateway."""
-    dps = parse_fixture("meshes_mesh1_dataplanes_insights.json")
+    dps = parse_fixture(kuma("api/meshes_mesh1_dataplanes_insights.json"))
     assert dps["dp-1"] == DataplaneInfo(
         mesh="mesh1", name="dp-1", address="127.0.0.1", services=("backend",),
         tags={"service": "backend", "tagcolumn": "tag:v", "version": "v1"}, online=True)
@@ -86,9 +136,10 @@ def test_insights_fixture_old_service_tag_gateways_and_offline() -> None:
         assert dps[gw].gateway and dps[gw].service == "gateway" and dps[gw].online is True
 
 
-def test_kumactl_fixture_online_rules() -> None:
+@cross_check
+def test_kuma_kumactl_fixture_online_rules() -> None:
     """kumactl-inspect-dataplanes.golden.json: several subscriptions, inbound health."""
-    dps = parse_fixture("kumactl-inspect-dataplanes.golden.json")
+    dps = parse_fixture(kuma("api/kumactl-inspect-dataplanes.golden.json"))
     # Two subscriptions, both connected, none disconnected.
     assert dps["experiment"].online is True
     assert dps["experiment"].services == ("mobile", "metrics")
@@ -102,26 +153,29 @@ def test_kumactl_fixture_online_rules() -> None:
     assert dps["example"].online is False
 
 
-def test_plain_dataplane_fixture_has_unknown_online_state() -> None:
-    dps = parse_fixture("list_dp_with_filters.golden.json")
+@cross_check
+def test_kuma_plain_dataplane_fixture_has_unknown_online_state() -> None:
+    dps = parse_fixture(kuma("api/list_dp_with_filters.golden.json"))
     assert dps["dp-1"].online is None and dps["dp-1"].address == "10.1.2.1"
     assert dps["dp-2"].services == ("other-svc", "my-svc")
     assert dps["dp-2"].tags == {"kuma.io/service": "other-svc"}
 
 
-def test_mesh_list_fixture_paginated() -> None:
-    page = parse_list_page(load("list_mesh_04.paginated.golden.json"), "GET /meshes")
+@cross_check
+def test_kuma_mesh_list_fixture_paginated() -> None:
+    page = parse_list_page(load(kuma("api/list_mesh_04.paginated.golden.json")), "GET /meshes")
     assert page.total == 3 and len(page.items) == 2
     assert page.next == "http://{{address}}/meshes?offset=2&size=2"
     assert [parse_mesh_item(m, "m").name for m in page.items] == ["m1", "m2"]
 
 
-def test_inspect_stats_fixture_is_envoy_text_without_uptime() -> None:
+@cross_check
+def test_kuma_inspect_stats_fixture_is_envoy_text_without_uptime() -> None:
     """The golden inspect answer is a mocked Envoy `/stats` body (`server.live: 1`):
     plain Envoy text, which StatsParser refuses only for lack of server.uptime."""
     with pytest.raises(ScrapeError, match=r"no server\.uptime"):
-        StatsParser(DEFAULT_CLUSTERS_PATTERN).parse((API / "inspect_stats_dataplane.out")
-                                                     .read_text())
+        StatsParser(DEFAULT_CLUSTERS_PATTERN).parse(
+            kuma("api/inspect_stats_dataplane.out").read_text())
 
 
 @pytest.mark.parametrize("subscriptions, online", [
@@ -140,7 +194,7 @@ def test_is_online(subscriptions: list[dict[str, Any]], online: bool) -> None:
 
 
 def _overview() -> dict[str, Any]:
-    item = load("meshes_mesh1_dataplanes_insights.json")["items"][0]
+    item = load(own("api/dataplanes-overview.json"))["items"][0]
     assert isinstance(item, dict)
     return copy.deepcopy(item)
 
@@ -165,7 +219,7 @@ _DELETE = object()
 @pytest.mark.parametrize("path, value, message", [
     ("name", _DELETE, "items[0].name is missing or empty"),
     ("name", 7, "items[0].name must be a string, got a number"),
-    ("mesh", "other", "items[0].mesh is 'other' in a listing of mesh 'mesh1'"),
+    ("mesh", "other", "items[0].mesh is 'other' in a listing of mesh 'payments'"),
     ("dataplane", [], "items[0].dataplane must be an object, got a list"),
     ("dataplane.networking.inbound", {}, "items[0].dataplane.networking.inbound must be a list"),
     ("dataplane.networking.inbound.0.tags", ["a"],
@@ -181,9 +235,10 @@ _DELETE = object()
 def test_malformed_items_name_the_field(path: str, value: Any, message: str) -> None:
     item = _set(_overview(), path, value)
     with pytest.raises(KumaApiError) as info:
-        parse_dataplane_item(item, "GET /meshes/mesh1/dataplanes/_overview: items[0]", "mesh1")
+        parse_dataplane_item(item, "GET /meshes/payments/dataplanes/_overview: items[0]",
+                             "payments")
     assert message in str(info.value)
-    assert str(info.value).startswith("GET /meshes/mesh1/dataplanes/_overview: ")
+    assert str(info.value).startswith("GET /meshes/payments/dataplanes/_overview: ")
 
 
 @pytest.mark.parametrize("body, message", [
@@ -214,10 +269,10 @@ def test_mesh_metrics_backend() -> None:
 def test_dataplane_metrics_and_labels() -> None:
     item = _overview()
     item["dataplane"]["metrics"] = {"type": "prometheus", "conf": {"port": 1234, "path": "/x"}}
-    item["labels"] = {"kuma.io/zone": "z1", "version": "ignored: the tag wins"}
+    item["labels"] = {"kuma.io/zone": "z1", "team": "ignored: the tag wins"}
     dp = parse_dataplane_item(item, "i")
     assert (dp.metrics_port, dp.metrics_path) == (1234, "/x")
-    assert dp.tags["kuma.io/zone"] == "z1" and dp.tags["version"] == "v1"
+    assert dp.tags["kuma.io/zone"] == "z1" and dp.tags["team"] == "core"
 
 
 # --------------------------------------------------------------------------- config, TLS
@@ -259,11 +314,11 @@ def test_inspect_and_kuma_dp_requests() -> None:
     dp = parse_dataplane_item(_overview(), "i")
     web = DataplaneInfo("my mesh", "web-1.ns", "10.0.0.1", ("web",), {}, True)
     v6 = DataplaneInfo("m", "v6", "fd00::1", ("db",), {}, False, metrics_port=9000)
-    inspect._state.dataplanes = {"mesh1": [dp], "my mesh": [web], "m": [v6]}
+    inspect._state.dataplanes = {"payments": [dp], "my mesh": [web], "m": [v6]}
     inspect._rebuild()
     inspect._token = "t0k"
     urls = {t.key: t.url for t in inspect.targets()}
-    assert urls == {"mesh1/dp-1": "https://cp:5682/api/meshes/mesh1/dataplanes/dp-1",
+    assert urls == {"payments/api-1": "https://cp:5682/api/meshes/payments/dataplanes/api-1",
                     "my mesh/web-1.ns": "https://cp:5682/api/meshes/my%20mesh/dataplanes/web-1.ns",
                     "m/v6": "https://cp:5682/api/meshes/m/dataplanes/v6"}
     target = next(t for t in inspect.targets() if t.dataplane == "v6")
@@ -274,10 +329,10 @@ def test_inspect_and_kuma_dp_requests() -> None:
 
     kdp = KumaSource(KumaSourceConfig(url="https://cp:5682", stats="kuma-dp"))
     kdp._token = "t0k"
-    kdp._state.dataplanes = {"mesh1": [dp], "m": [v6]}
+    kdp._state.dataplanes = {"payments": [dp], "m": [v6]}
     kdp._rebuild()
     by_key = {t.key: t for t in kdp.targets()}
-    assert by_key["mesh1/dp-1"].url == "http://127.0.0.1:5670"
+    assert by_key["payments/api-1"].url == "http://10.20.0.11:5670"
     assert by_key["m/v6"].url == "http://[fd00::1]:9000"
     req = kdp.request_for(by_key["m/v6"])
     # The CP token never goes to a dataplane's address.
@@ -312,8 +367,9 @@ def _shape(value: Any) -> Any:
     return type(value).__name__
 
 
+@cross_check
 def test_fake_cp_overview_items_have_the_fixture_shape() -> None:
-    fixture = load("meshes_mesh1_dataplanes_insights.json")["items"]
+    fixture = load(kuma("api/meshes_mesh1_dataplanes_insights.json"))["items"]
     online = FakeDataplane("mesh1", "dp-1", service="backend", service_tag="service",
                            tags={"tagcolumn": "tag:v", "version": "v1"}, inbound_port=1234)
     assert online.overview_item() == fixture[0]
@@ -327,8 +383,9 @@ def test_fake_cp_overview_items_have_the_fixture_shape() -> None:
     assert gateway.overview_item() == fixture[2]
 
 
+@cross_check
 def test_fake_cp_dataplane_items_have_the_fixture_shape() -> None:
-    fixture = load("list_dp_with_filters.golden.json")["items"][0]
+    fixture = load(kuma("api/list_dp_with_filters.golden.json"))["items"][0]
     fake = FakeDataplane("default", "dp-1", service="my-svc", address="10.1.2.1",
                          inbound_port=1234).dataplane_item()
     assert _shape(fake) == _shape(fixture)
@@ -336,6 +393,7 @@ def test_fake_cp_dataplane_items_have_the_fixture_shape() -> None:
         {k: v for k, v in fixture.items() if k not in ("creationTime", "modificationTime")}
 
 
+@cross_check
 async def test_fake_cp_mesh_page_has_the_fixture_shape() -> None:
     """``GET /meshes?size=2`` from the test CP, against list_mesh_04 (3 meshes)."""
     async with FakeKumaCP() as cp:
@@ -344,7 +402,7 @@ async def test_fake_cp_mesh_page_has_the_fixture_shape() -> None:
         async with aiohttp.ClientSession() as session, \
                 session.get(cp.url + "/meshes?size=2") as resp:
             body = await resp.json()
-    fixture = load("list_mesh_04.paginated.golden.json")
+    fixture = load(kuma("api/list_mesh_04.paginated.golden.json"))
     assert _shape(body) == _shape(fixture)
     fixture["next"] = fixture["next"].replace("{{address}}", cp.url.removeprefix("http://"))
     for item in (*body["items"], *fixture["items"]):
