@@ -2,19 +2,21 @@
 
 The oracle is ``StatsParser`` itself: every Prometheus body is also turned
 into Envoy's ``/stats`` text by a deliberately plain converter below, and both
-parsers must agree.  The bodies are the kuma-dp test inputs and outputs in
-``shared/fixtures/kuma/envoy-stats`` (as they are, and with their metric names
-renamed onto the stats passguard reads, so their exact formatting — ``{}``
-label sets, ``9.217064e+06`` floats, ``kuma_io_mesh_traffic`` labels, merged
-hash-suffixed clusters — is exercised on passthrough lines), synthetic edge
-cases, and a real Envoy's ``/stats/prometheus``.
+parsers must agree.  The bodies are the project's own Envoy / kuma-dp bodies in
+``tests/data/kuma/envoy-stats`` (``{}`` label sets, ``8.125e+06`` floats,
+``kuma_io_mesh_traffic`` labels, merged hash-suffixed clusters on passthrough
+lines), as cross-checks Kuma's own kuma-dp test inputs and outputs from
+``$PASSGUARD_KUMA_FIXTURES/envoy-stats`` (as they are, and with their metric
+names renamed onto the stats passguard reads), synthetic edge cases, and a
+real Envoy's ``/stats/prometheus``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -31,10 +33,31 @@ from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, Family, stats_filter
 from passguard.envoy.promtext import PromStatsParser
 from passguard.envoy.stats import Counters, StatsParser, StatsReading
 from passguard.errors import ScrapeError
+from tests.kuma_fixtures import cross_check, kuma, kuma_root, own
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "kuma" / "envoy-stats"
-FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*.in")) + sorted(
-    p.name for p in FIXTURES.glob("*.out"))
+#: The project's own Prometheus-format Envoy stats (tests/data/kuma/envoy-stats).
+OWN_FILES = ["gauges-no-uptime.in", "passthrough.in", "passthrough.out"]
+#: Kuma's kuma-dp test inputs/outputs (cross-checks), and those without envoy_server_uptime.
+KUMA_FILES = ["counter-and-noncluster-metrics.in", "counter.in", "gauge.in", "histogram.in",
+              "profiles-basic.in", "counter-and-noncluster-metrics.out"]
+KUMA_WITHOUT_UPTIME = ["counter-and-noncluster-metrics.in", "counter.in", "gauge.in",
+                       "histogram.in", "counter-and-noncluster-metrics.out"]
+
+
+def own_stats(name: str) -> str:
+    return own(f"envoy-stats/{name}").read_text()
+
+
+def kuma_stats(name: str) -> str:
+    return kuma(f"envoy-stats/{name}").read_text()
+
+
+def stats_files(own_names: list[str], kuma_names: list[str]) -> list[Any]:
+    """Parameters reading the text of own files, then of Kuma's (cross-checks)."""
+    return ([pytest.param(lambda n=n: own_stats(n), id=f"own-{n}") for n in own_names]
+            + [pytest.param(lambda n=n: kuma_stats(n), id=f"kuma-{n}", marks=cross_check)
+               for n in kuma_names])
+
 PATTERNS = [DEFAULT_CLUSTERS_PATTERN, "example", r"outbound_passthrough_ipv[46]|example",
             r"[a-z_]+"]
 
@@ -77,15 +100,18 @@ def renamed(text: str) -> str:
     return text
 
 
-def test_fixtures_exist() -> None:
-    assert FIXTURES.is_dir(), f"shared fixtures expected at {FIXTURES}"
-    assert len(FIXTURE_FILES) == 6, FIXTURE_FILES
+@cross_check
+def test_kuma_fixture_files() -> None:
+    folder = kuma_root() / "envoy-stats"
+    assert sorted(p.name for p in folder.glob("*.in")) + sorted(
+        p.name for p in folder.glob("*.out")) == KUMA_FILES
+    assert [n for n in KUMA_FILES if "envoy_server_uptime" not in kuma_stats(n)] == \
+        KUMA_WITHOUT_UPTIME
 
 
-@pytest.mark.parametrize("name", [n for n in FIXTURE_FILES
-                                  if "envoy_server_uptime" not in (FIXTURES / n).read_text()])
-def test_fixture_without_uptime_is_refused_like_stats_parser(name: str) -> None:
-    text = (FIXTURES / name).read_text()
+@pytest.mark.parametrize("read", stats_files(["gauges-no-uptime.in"], KUMA_WITHOUT_UPTIME))
+def test_fixture_without_uptime_is_refused_like_stats_parser(read: Callable[[], str]) -> None:
+    text = read()
     with pytest.raises(ScrapeError, match="no envoy_server_uptime"):
         PromStatsParser(DEFAULT_CLUSTERS_PATTERN).parse(text)
     with pytest.raises(ScrapeError):
@@ -94,9 +120,10 @@ def test_fixture_without_uptime_is_refused_like_stats_parser(name: str) -> None:
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("variant", ["as-is", "renamed"])
-@pytest.mark.parametrize("name", FIXTURE_FILES)
-def test_fixture_matches_stats_parser(name: str, variant: str, pattern: str) -> None:
-    text = (FIXTURES / name).read_text()
+@pytest.mark.parametrize("read", stats_files(OWN_FILES, KUMA_FILES))
+def test_fixture_matches_stats_parser(read: Callable[[], str], variant: str,
+                                      pattern: str) -> None:
+    text = read()
     if variant == "renamed":
         text = renamed(text)
     if "envoy_server_uptime" not in text:
@@ -106,9 +133,33 @@ def test_fixture_matches_stats_parser(name: str, variant: str, pattern: str) -> 
     assert got == want
 
 
-def test_kuma_dp_output_format_on_passthrough_lines() -> None:
+def test_kuma_dp_output_format() -> None:
+    """kuma-dp's rewrite of /stats/prometheus (own passthrough.out): no `{}`, floats
+    as 8.125e+06, kuma_io_mesh_traffic labels, hash-suffixed clusters merged."""
+    text = own_stats("passthrough.out")
+    assert 'kuma_io_mesh_traffic="true"' in text and "e+06" in text and "{}" not in text
+    reading = PromStatsParser(DEFAULT_CLUSTERS_PATTERN).parse(text)
+    assert reading.uptime == 8125000.0
+    assert reading.families == {
+        "ipv4": Counters(cx_total=27, cx_active=2, tx_bytes=1250000, overflow=0, no_route=2),
+        "ipv6": Counters(cx_total=4, cx_active=0, tx_bytes=512, no_route=0),
+    }
+
+
+def test_kuma_dp_input_and_output_agree() -> None:
+    """kuma-dp's rewrite (.in → .out) must not change what passguard reads."""
+    parser = PromStatsParser(r"outbound_passthrough_ipv[46]|ledger_payments_svc_5000.*")
+    a = parser.parse(own_stats("passthrough.in"))
+    b = parser.parse(own_stats("passthrough.out"))
+    assert a == b
+    # The three hash-suffixed clusters (10+20+30) are merged into 60 in .out.
+    assert a.families["legacy"].cx_total == 60
+
+
+@cross_check
+def test_kuma_dp_output_fixture_on_passthrough_lines() -> None:
     """The kuma-dp output fixture, renamed: extra labels, floats, merged clusters."""
-    text = renamed((FIXTURES / "counter-and-noncluster-metrics.out").read_text())
+    text = renamed(kuma_stats("counter-and-noncluster-metrics.out"))
     assert 'kuma_io_mesh_traffic="true"' in text and "e+06" in text
     reading = PromStatsParser(DEFAULT_CLUSTERS_PATTERN).parse(text)
     # envoy_server_memory_allocated 9.217064e+06 became the uptime.
@@ -132,24 +183,26 @@ def test_passthrough_label_not_first() -> None:
         "ipv4": Counters(cx_total=6, no_route=2)}
 
 
-def test_kuma_dp_input_and_output_agree() -> None:
+@cross_check
+def test_kuma_dp_input_and_output_fixtures_agree() -> None:
     """kuma-dp's rewrite (.in → .out) must not change what passguard reads."""
     parser = PromStatsParser(r"outbound_passthrough_ipv[46]|echo-server_kuma-test_svc_8080.*")
-    a = parser.parse(renamed((FIXTURES / "counter-and-noncluster-metrics.in").read_text()))
-    b = parser.parse(renamed((FIXTURES / "counter-and-noncluster-metrics.out").read_text()))
+    a = parser.parse(renamed(kuma_stats("counter-and-noncluster-metrics.in")))
+    b = parser.parse(renamed(kuma_stats("counter-and-noncluster-metrics.out")))
     assert a == b
     # The three hash-suffixed clusters (101+102+103) are merged into 306 in .out.
     assert a.families["legacy"].cx_total == 306
 
 
+@cross_check
 def test_profiles_basic_fixture() -> None:
     """Labels on the uptime sample, every TYPE declared counter: still read."""
-    reading = PromStatsParser("example").parse((FIXTURES / "profiles-basic.in").read_text())
+    reading = PromStatsParser("example").parse(kuma_stats("profiles-basic.in"))
     assert reading == StatsReading(1.0, {"legacy": Counters(
         cx_total=5, cx_active=1, tx_bytes=1, rx_bytes=1, connect_fail=0, overflow=1)})
     # No passthrough cluster there under the default pattern.
     assert PromStatsParser(DEFAULT_CLUSTERS_PATTERN).parse(
-        (FIXTURES / "profiles-basic.in").read_text()).families == {}
+        kuma_stats("profiles-basic.in")).families == {}
 
 
 def test_histograms_and_lookalikes_are_not_counted() -> None:
