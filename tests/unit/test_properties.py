@@ -70,8 +70,8 @@ from passguard.sources.kuma import (
     parse_mesh_item,
 )
 from passguard.web.auth import digest, parse_tokens
+from tests.kuma_fixtures import own
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "kuma"
 P = DEFAULT_CLUSTERS_PATTERN
 STATS = StatsParser(P)
 PROM = PromStatsParser(P)
@@ -335,20 +335,18 @@ def test_clusters_parser_raises_only_scrape_error(text: str) -> None:
 
 
 def _items(name: str) -> list[Any]:
-    items: list[Any] = json.loads((FIXTURES / "api" / name).read_text())["items"]
+    items: list[Any] = json.loads(own(f"api/{name}").read_text())["items"]
     return items
 
 
-DP_ITEMS = (_items("meshes_mesh1_dataplanes_insights.json")
-            + _items("kumactl-inspect-dataplanes.golden.json")
-            + _items("list_dp_with_filters.golden.json"))
-MESH_ITEMS = _items("list_mesh_04.paginated.golden.json")
+DP_ITEMS = _items("dataplanes-overview.json") + _items("dataplanes.json")
+MESH_ITEMS = _items("meshes-page.json")
 CP_VALUES = JSON | NONFINITE  # json.loads accepts NaN, Infinity and 1e400
 
 
 @SETTINGS
 @given(st.sampled_from(DP_ITEMS).flatmap(lambda it: mutated(it, CP_VALUES)) | CP_VALUES,
-       st.none() | st.just("mesh1") | TEXT)
+       st.none() | st.just("payments") | TEXT)
 def test_dataplane_items_raise_only_kuma_api_error(item: Any, mesh: str | None) -> None:
     try:
         dp = parse_dataplane_item(item, "items[0]", mesh)
@@ -391,13 +389,12 @@ def test_list_pages_raise_only_kuma_api_error(body: Any) -> None:
 
 def _fixture_docs() -> list[Any]:
     docs: list[Any] = []
-    for name in ("mesh/website-mesh-passthrough-false.k8s.yaml",
-                 "mesh/website-mesh-passthrough-false.universal.yaml",
-                 "meshpassthrough/website-allow-some-passthrough.universal.yaml",
-                 "meshpassthrough/website-disable-passthrough.universal.yaml"):
-        docs += load_documents((FIXTURES / name).read_bytes())
-    [spec] = load_documents((FIXTURES / "meshpassthrough/v2.14.3-valid.spec.input.yaml")
-                            .read_bytes())
+    for name in ("mesh/mesh-passthrough-false.k8s.yaml",
+                 "mesh/mesh-passthrough-false.universal.yaml",
+                 "meshpassthrough/allow-some.universal.yaml",
+                 "meshpassthrough/disable.universal.yaml"):
+        docs += load_documents(own(name).read_bytes())
+    [spec] = load_documents(own("meshpassthrough/spec.yaml").read_bytes())
     docs.append({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
                  "metadata": {"name": "mp", "namespace": "kuma-system",
                               "labels": {"kuma.io/mesh": "default"},
@@ -416,7 +413,7 @@ DOCS = _fixture_docs()
     with_odd_key) | JSON | YAML, min_size=1, max_size=3),
        st.none() | st.lists(st.sampled_from(DOCS).flatmap(mutated) | YAML, max_size=2))
 def test_documents_raise_only_input_error(docs: list[Any], old: list[Any] | None) -> None:
-    """Mutated real Kuma files, the same with a key YAML would give as a number,
+    """Mutated Kuma-format files, the same with a key YAML would give as a number,
     boolean or null, and arbitrary JSON- and YAML-shaped data."""
     try:
         parsed = parse_documents(docs, old)
