@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -34,12 +33,12 @@ from passguard.demo.sidecar import (
     sanitize_metric,
     send_traffic,
 )
+from tests.kuma_fixtures import cross_check, kuma
 
 from .conftest import EnvoyFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(30)]
 
-KUMA_FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "kuma"
 
 ALL_CX_TOTAL = r"^cluster\..*\.upstream_cx_total$"
 
@@ -97,7 +96,7 @@ async def _start(
 
 
 def _golden(path: str) -> list[dict[str, Any]]:
-    data = yaml.safe_load((KUMA_FIXTURES / path).read_text())
+    data = yaml.safe_load(kuma(path).read_text())
     return [r["resource"] for r in data["resources"]]
 
 
@@ -119,6 +118,7 @@ def _passthrough_names(resources: list[dict[str, Any]]) -> set[tuple[str, str, s
     return out
 
 
+@cross_check
 @pytest.mark.parametrize(
     ("generation", "golden"),
     [
@@ -142,9 +142,25 @@ def test_config_names_match_kuma_golden(generation: Generation, golden: str) -> 
     assert _passthrough_names(ours) == _passthrough_names(resources)
 
 
-def test_meshpassthrough_stat_names_follow_kuma_sanitising() -> None:
+@cross_check
+def test_kuma_meshpassthrough_golden_follows_our_sanitising() -> None:
     for cluster in _golden("meshpassthrough/v2.14.3-basic.clusters.golden.yaml"):
         assert sanitize_metric(cluster["name"]) == cluster["altStatName"]
+
+
+@pytest.mark.parametrize(("name", "stat"), [
+    ("meshpassthrough_tcp_10.0.0.1_443", "meshpassthrough_tcp_10_0_0_1_443"),
+    ("meshpassthrough_tls_*.storage.example_443", "meshpassthrough_tls___storage_example_443"),
+    ("meshpassthrough_tcp_2001:db8::10_5432", "meshpassthrough_tcp_2001_db8__10_5432"),
+    ("meshpassthrough_tcp_198.51.100.0/24_*", "meshpassthrough_tcp_198_51_100_0_24__"),
+    ("meshpassthrough_http_ledger-api.example_80", "meshpassthrough_http_ledger-api_example_80"),
+])
+def test_meshpassthrough_stat_names_follow_kuma_sanitising(name: str, stat: str) -> None:
+    """Kuma's SanitizeMetric keeps [A-Za-z0-9_{}=-] and turns the rest into `_`."""
+    assert sanitize_metric(name) == stat
+
+
+def test_meshpassthrough_config_names() -> None:
     config = build_config(
         "meshpassthrough", UnixAdmin("/tmp/a.sock"), matches=[("127.0.0.1", 8080)]
     )
