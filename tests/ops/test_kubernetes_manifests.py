@@ -15,7 +15,8 @@
   it says, from the Secret key docs/kubernetes.md tells the operator to create.
 - The objects are cross-checked: Service -> pods -> container port, webhook ->
   Service -> certificate names, inject-ca-from -> Certificate, PDB -> pods,
-  and the webhook rules against the Kuma CRDs in shared/fixtures.
+  and the webhook rules against Kuma's CRDs (the project's own hand-written
+  ones in tests/data/kuma/crds; Kuma's own as a cross-check).
 - The kustomization lists every file and transforms nothing, so the files are
   exactly what ``kubectl apply -k`` applies.
 """
@@ -23,7 +24,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,12 @@ import yaml
 
 from passguard import config
 from passguard.gate.loader import load_documents
+from tests.kuma_fixtures import cross_check, kuma, own
 from tests.ops.promql import REPO
 
 KUBE_DIR = REPO / "config" / "kubernetes"
 KUSTOMIZATION = KUBE_DIR / "kustomization.yaml"
 DOCS = REPO / "docs" / "kubernetes.md"
-KUMA_CRDS = REPO.parent / "shared" / "fixtures" / "kuma" / "mesh"
 KUBERNETES_VERSION = "1.30"
 
 NAMESPACE = "passguard"
@@ -388,11 +389,17 @@ def test_webhook_configuration() -> None:
     assert covered == {"meshes": "Cluster", "meshpassthroughs": "Namespaced"}
 
 
-def test_webhook_rules_match_the_kuma_crds() -> None:
-    """Group, version, plural and scope as Kuma's own CRDs declare them."""
-    assert KUMA_CRDS.is_dir(), f"shared Kuma fixtures expected at {KUMA_CRDS}"
+@pytest.mark.parametrize("crds", [
+    pytest.param(lambda: [own("crds/meshes.crd.yaml"), own("crds/meshpassthroughs.crd.yaml")],
+                 id="own"),
+    pytest.param(lambda: [kuma("mesh/v2.14.3-kuma.io_meshes.crd.yaml"),
+                          kuma("mesh/v2.14.3-kuma.io_meshpassthroughs.crd.yaml")],
+                 id="kuma", marks=cross_check),
+])
+def test_webhook_rules_match_the_kuma_crds(crds: Callable[[], list[Path]]) -> None:
+    """Group, version, plural and scope as Kuma's CRDs declare them."""
     [hook] = one("ValidatingWebhookConfiguration")["webhooks"]
-    for path in sorted(KUMA_CRDS.glob("*.crd.yaml")):
+    for path in crds():
         crd = yaml.safe_load(path.read_text(encoding="utf-8"))
         spec = crd["spec"]
         plural = spec["names"]["plural"]
