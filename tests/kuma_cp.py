@@ -1,8 +1,8 @@
 """A stand-in for kuma-cp's HTTP API, for tests that need a control plane.
 
 It serves the part of the API passguard uses, with the response shapes of the
-real Kuma golden files in ``shared/fixtures/kuma/api/`` (the tests check that
-its items have the same fields as those files):
+real Kuma golden files in ``$PASSGUARD_KUMA_FIXTURES/api/`` (cross-checks in
+tests/unit/test_kuma_source.py check that its items have the same fields):
 
 * ``GET /`` — the index (version banner).
 * ``GET /meshes`` and ``GET /meshes/{mesh}`` — ``Mesh`` items, paginated like

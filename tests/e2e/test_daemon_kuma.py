@@ -2,7 +2,7 @@
 through the control plane's inspect API, offline dataplanes, a CP outage.
 
 tests/kuma_cp.py stands in for kuma-cp (Kuma's control plane does not run
-here): it serves the real response shapes of ../shared/fixtures/kuma and
+here): it serves the response shapes of Kuma's API answers and
 proxies its inspect endpoints to real Envoy processes.
 """
 
