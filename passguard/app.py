@@ -32,10 +32,12 @@ from passguard.gate import service
 from passguard.heap import Freezer
 from passguard.metrics import Metrics
 from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
+from passguard.policy.model import MeshState
 from passguard.scraper import Scraper, ScrapeResult
 from passguard.sdnotify import Notifier
 from passguard.sources.sourceset import SourceSet
 from passguard.store.persistence import StateDB
+from passguard.store.snapshot import Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
 from passguard.web.auth import TokenStore
@@ -157,7 +159,7 @@ class Daemon:
                 # the failure is counted and logged for the operator.
                 self.metrics.persist_failures.inc()
                 log.error("could not write state to %s: %s", self.config.state_path, exc)
-            await self.store.build_snapshot_async(now, extra, prepare=service.prepare)
+            await self.store.build_snapshot_async(now, extra, prepare=self._prepare)
             self.heap.after_cycle()
             self.metrics.cycle_seconds.set(time.monotonic() - start)
             failed = sum(1 for r in results if r.error)
@@ -209,7 +211,14 @@ class Daemon:
                 log.error("could not write destinations to %s: %s", self.config.state_path, exc)
             views = await self.store.book.views_async(now - self.config.window, budget)
             await self.store.publish_async(replace(self.store.snapshot, destinations=views),
-                                           budget, service.prepare)
+                                           budget, self._prepare)
+
+    def _prepare(self, snap: Snapshot, mesh: str) -> None:
+        service.prepare(snap, mesh, self.sources.mesh_states())
+
+    def mesh_states(self) -> dict[str, MeshState]:
+        """The control planes' current policy sets, per mesh (the gate's "before")."""
+        return self.sources.mesh_states()
 
     def _schedule(self) -> None:
         assert self.scheduler is not None

@@ -168,7 +168,8 @@ def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> di
         finally:
             await scraper.close()
             await sources.close()
-        body, _ = service.check(docs, old_docs, snap, cfg.gate)
+        body, _ = service.check(docs, old_docs, snap, cfg.gate, sources.mesh_states(),
+                                time.time())
         return body
 
     return asyncio.run(once())
@@ -182,6 +183,18 @@ def print_decision(body: dict[str, Any], out: TextIO) -> None:
                   f"(mesh {d['mesh']}): {ch['effect']}\n")
         for r in d["reasons"]:
             out.write(f"       - {r}\n")
+        for row in (d.get("dataplanes") or [])[:10]:
+            if "dataplane" not in row:
+                out.write(f"         ... and {row.get('omitted', 0)} more dataplanes\n")
+                continue
+            lost = ", ".join(f"{x['address']}{' ' + x['transport'] if x['transport'] else ''} "
+                             f"({x['connections']})" for x in row["lost"][:5])
+            unproven = ", ".join(f"{x['address']} ({x['connections']})"
+                                 for x in row["unproven"][:5])
+            out.write(f"         {row['dataplane']}: {row['before']} -> {row['after']}"
+                      + (f"; loses {lost}" if lost else "")
+                      + (f"; unproven {unproven}" if unproven else "")
+                      + (f"; {row['unknown']}" if row.get("unknown") else "") + "\n")
     for w in body["warnings"]:
         out.write(f"{style('warning', '33')}: {w}\n")
     if "evidence_source" in body:
@@ -243,12 +256,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def policies(dests: list[dict[str, Any]], per_service: bool, kubernetes: bool,
              namespace: str) -> list[dict[str, Any]]:
-    """MeshPassthrough ``Matched`` policies that keep every observed destination reachable."""
-    groups: dict[tuple[str, str], set[tuple[str, int]]] = {}
+    """MeshPassthrough ``Matched`` policies that keep every observed destination reachable.
+
+    Kuma's ``tcp`` entry keeps plain TCP only and ``tls`` TLS only
+    (docs/semantics.md R2): a destination whose transport Envoy did not show
+    (a generic passthrough cluster) gets both, so the policy cuts nothing seen."""
+    groups: dict[tuple[str, str], set[tuple[str, int, str]]] = {}
     for d in dests:
         host, port = d["address"].rsplit(":", 1)
         key = (d["mesh"], d["service"] if per_service else "")
-        groups.setdefault(key, set()).add((host.strip("[]"), int(port)))
+        known = d.get("transport")
+        for proto in (known,) if known in ("tcp", "tls") else ("tcp", "tls"):
+            groups.setdefault(key, set()).add((host.strip("[]"), int(port), proto))
     out = []
     for (mesh, svc), addrs in sorted(groups.items()):
         name = "passguard-observed" + (f"-{_dns_label(svc)}" if svc else "")
@@ -257,8 +276,8 @@ def policies(dests: list[dict[str, Any]], per_service: bool, kubernetes: bool,
             target = {"kind": "MeshSubset", "tags": {"kuma.io/service": svc}}
         spec = {"targetRef": target, "default": {
             "passthroughMode": "Matched",
-            "appendMatch": [{"type": "IP", "value": ip, "port": port, "protocol": "tcp"}
-                            for ip, port in sorted(addrs)]}}
+            "appendMatch": [{"type": "IP", "value": ip, "port": port, "protocol": proto}
+                            for ip, port, proto in sorted(addrs)]}}
         if kubernetes:
             out.append({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
                         "metadata": {"name": name, "namespace": namespace,

@@ -30,6 +30,8 @@ Mode = Literal["enforce", "warn", "audit"]
 Fallback = Literal["deny", "warn", "allow"]
 MODES: tuple[Mode, ...] = ("enforce", "warn", "audit")
 FALLBACKS: tuple[Fallback, ...] = ("deny", "warn", "allow")
+Unproven = Literal["deny", "warn"]
+UNPROVEN: tuple[Unproven, ...] = ("deny", "warn")
 
 # Bounded digit runs: no duration needs more, and longer ones overflow floats.
 _DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,9})?)\s*(ms|s|m|h|d)\s*$")
@@ -130,6 +132,8 @@ Source = EnvoySource | KumaSourceConfig | PrometheusSourceConfig
 class GatePolicy:
     mode: Mode = "enforce"
     on_insufficient_data: Fallback = "deny"
+    # Traffic the after-state may or may not keep (transport or name unknown).
+    on_unproven: Unproven = "deny"
 
 
 @dataclass(frozen=True)
@@ -137,12 +141,15 @@ class GateConfig:
     mode: Mode = "enforce"
     on_insufficient_data: Fallback = "deny"
     meshes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    on_unproven: Unproven = "deny"
 
     def policy_for(self, mesh: str) -> GatePolicy:
         override = self.meshes.get(mesh, {})
         mode = override.get("mode", self.mode)
         fallback = override.get("on_insufficient_data", self.on_insufficient_data)
-        return GatePolicy(mode=mode, on_insufficient_data=fallback)  # type: ignore[arg-type]
+        unproven = override.get("on_unproven", self.on_unproven)
+        return GatePolicy(mode=mode, on_insufficient_data=fallback,  # type: ignore[arg-type]
+                          on_unproven=unproven)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -583,18 +590,21 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             _check_unique(all_targets, "sources", errors)
 
     gate = defaults.gate
-    g = r.mapping(top.get("gate"), "gate", {"mode", "on_insufficient_data", "meshes"})
+    g = r.mapping(top.get("gate"), "gate", {"mode", "on_insufficient_data", "meshes",
+                                            "on_unproven"})
     if g is not None:
         mode = r.choice(g.get("mode", gate.mode), "gate.mode", MODES)
         fb = r.choice(g.get("on_insufficient_data", gate.on_insufficient_data),
                       "gate.on_insufficient_data", FALLBACKS)
+        unproven = r.choice(g.get("on_unproven", gate.on_unproven), "gate.on_unproven",
+                            UNPROVEN)
         meshes: dict[str, dict[str, str]] = {}
         raw_meshes = g.get("meshes")
         gm = r.mapping(raw_meshes, "gate.meshes",
                        {str(k) for k in raw_meshes} if isinstance(raw_meshes, dict) else set())
         for name, ov in (gm or {}).items():
             opath = f"gate.meshes.{name}"
-            o = r.mapping(ov, opath, {"mode", "on_insufficient_data"})
+            o = r.mapping(ov, opath, {"mode", "on_insufficient_data", "on_unproven"})
             if o is None:
                 continue
             entry: dict[str, str] = {}
@@ -603,10 +613,14 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             if "on_insufficient_data" in o and (v := r.choice(
                     o["on_insufficient_data"], f"{opath}.on_insufficient_data", FALLBACKS)):
                 entry["on_insufficient_data"] = v
+            if "on_unproven" in o and (v := r.choice(
+                    o["on_unproven"], f"{opath}.on_unproven", UNPROVEN)):
+                entry["on_unproven"] = v
             meshes[str(name)] = entry
         gate = GateConfig(mode=mode or "enforce",  # type: ignore[arg-type]
                           on_insufficient_data=fb or "deny",  # type: ignore[arg-type]
-                          meshes=meshes)
+                          meshes=meshes,
+                          on_unproven=unproven or "deny")  # type: ignore[arg-type]
 
     limits = defaults.limits
     lm = r.mapping(top.get("limits"), "limits",
@@ -689,7 +703,7 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
                  r: _Reader) -> KumaSourceConfig | None:
     m = r.mapping(src, spath, {"kind", "url", "token_file", "ca_file", "insecure_skip_verify",
                                "meshes", "discovery_interval", "stats", "timeout", "page_size",
-                               "max_response_bytes"})
+                               "max_response_bytes", "stale_after"})
     if m is None:
         return None
     before = len(r.errors.items)
@@ -710,6 +724,12 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
     page = r.integer(m["page_size"], f"{spath}.page_size", 1, 1000) if "page_size" in m else 100
     page_bytes = r.size(m["max_response_bytes"], f"{spath}.max_response_bytes") \
         if "max_response_bytes" in m else None
+    # Past it, the source's meshes are insufficient data (default: 3 passes).
+    stale = r.duration(m["stale_after"], f"{spath}.stale_after", 1.0) \
+        if "stale_after" in m else None
+    if stale is not None and stale < (interval or 30.0):
+        r.errors.add(f"{spath}.stale_after", f"must be at least discovery_interval "
+                                             f"({format_duration(interval or 30.0)})")
     if len(r.errors.items) != before or url is None:
         return None
     return KumaSourceConfig(url=url.rstrip("/"), token_file=str(token) if token else None,
@@ -717,7 +737,8 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
                             meshes=meshes or ("*",), discovery_interval=interval or 30.0,
                             stats=stats or "inspect",  # type: ignore[arg-type]
                             timeout=timeout or 10.0, page_size=page or 100,
-                            max_response_bytes=page_bytes or KumaSourceConfig.max_response_bytes)
+                            max_response_bytes=page_bytes or KumaSourceConfig.max_response_bytes,
+                            stale_after=stale)
 
 
 def _prometheus_source(src: dict[str, Any], spath: str, base_dir: Path,

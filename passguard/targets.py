@@ -15,6 +15,10 @@ class Target:
     tags: Mapping[str, str] = field(default_factory=dict)
     # Known disconnected from the control plane: listed, never counted unknown.
     offline: bool = False
+    # Wall time it disconnected, when the control plane said (the gate counts a
+    # dataplane offline for less than the window as unknown: it applies a
+    # change when it reconnects, and its evidence ends at the disconnect).
+    offline_since: float | None = None
 
     @property
     def key(self) -> str:

@@ -13,6 +13,11 @@ tests/unit/test_kuma_source.py check that its items have the same fields):
   like ``meshes_mesh1_dataplanes_insights.json`` /
   ``kumactl-inspect-dataplanes.golden.json``; ``GET /meshes/{mesh}/dataplanes``
   — plain ``Dataplane`` items like ``list_dp_with_filters.golden.json``.
+* ``GET /meshes/{mesh}/meshpassthroughs`` — ``MeshPassthrough`` items in the
+  Universal shape Kuma's REST API lists them (``type``, ``mesh``, ``name``,
+  ``labels``, ``spec``), paginated like the others (``add_policy``).
+  Dataplanes may carry several inbounds (``extra_inbounds``) and
+  ``networking.transparentProxying``; ``version`` is what ``GET /`` reports.
 * ``GET /meshes/{mesh}/dataplanes/{name}/stats`` and ``/clusters`` — the
   inspect API: proxied to the real Envoy admin registered for that dataplane
   and answered as ``text/plain`` like ``inspect_stats_dataplane.out``.  As in
@@ -76,6 +81,12 @@ class FakeDataplane:
     labels: dict[str, str] = field(default_factory=dict)
     inbound_port: int = 8080
     metrics: dict[str, Any] | None = None  # Dataplane.metrics (e.g. a Prometheus conf)
+    # More inbounds after the first, each {"port", "tags"[, "name"]} as in a
+    # Dataplane's networking.inbound (a dataplane serving several services).
+    extra_inbounds: list[dict[str, Any]] = field(default_factory=list)
+    # networking.transparentProxying, as Kuma's injector writes it on Kubernetes
+    # (off by default: the items then have the shape of Kuma's golden files).
+    transparent: bool = False
 
     def networking(self) -> dict[str, Any]:
         tags = dict(self.tags)
@@ -85,7 +96,10 @@ class FakeDataplane:
         if self.gateway:
             net["gateway"] = {"tags": tags, "type": "BUILTIN"}
         else:
-            net["inbound"] = [{"port": self.inbound_port, "tags": tags}]
+            net["inbound"] = [{"port": self.inbound_port, "tags": tags}, *self.extra_inbounds]
+        if self.transparent:
+            net["transparentProxying"] = {"redirectPortInbound": 15006,
+                                          "redirectPortOutbound": 15001}
         return net
 
     def meta(self, kind: str) -> dict[str, Any]:
@@ -152,6 +166,9 @@ class FakeKumaCP:
         self.ssl_context = ssl_context
         self.meshes: dict[str, dict[str, Any]] = {}
         self.dataplanes: dict[tuple[str, str], FakeDataplane] = {}
+        # MeshPassthrough items per (mesh, name), as GET .../meshpassthroughs lists them.
+        self.policies: dict[tuple[str, str], dict[str, Any]] = {}
+        self.version = "2.14.3"
         self.pagination: Pagination = "ok"
         self.overview = True
         self.inspect_usedonly = True
@@ -181,6 +198,20 @@ class FakeKumaCP:
 
     def remove_dataplane(self, mesh: str, name: str) -> None:
         del self.dataplanes[(mesh, name)]
+
+    def add_policy(self, mesh: str, name: str, spec: dict[str, Any],
+                   labels: dict[str, str] | None = None) -> None:
+        """A MeshPassthrough in the Universal shape Kuma's REST API lists
+        (``type``, ``mesh``, ``name``, ``labels``, ``spec``; 2.14's openapi)."""
+        item: dict[str, Any] = {"type": "MeshPassthrough", "mesh": mesh, "name": name,
+                                "creationTime": _TIME, "modificationTime": _TIME,
+                                "spec": spec}
+        if labels:
+            item["labels"] = dict(labels)
+        self.policies[(mesh, name)] = item
+
+    def remove_policy(self, mesh: str, name: str) -> None:
+        del self.policies[(mesh, name)]
 
     # -- faults ------------------------------------------------------------------
 
@@ -217,6 +248,7 @@ class FakeKumaCP:
         r.add_get("/meshes/{mesh}/dataplanes", self._list_dataplanes)
         r.add_get("/meshes/{mesh}/dataplanes+insights", self._list_insights)
         r.add_get("/meshes/{mesh}/dataplanes/_overview", self._list_overview)
+        r.add_get("/meshes/{mesh}/meshpassthroughs", self._list_policies)
         r.add_get("/meshes/{mesh}/dataplanes/{name}/stats", self._inspect_stats)
         r.add_get("/meshes/{mesh}/dataplanes/{name}/clusters", self._inspect_clusters)
         return app
@@ -290,7 +322,7 @@ class FakeKumaCP:
 
     async def _index(self, request: web.Request) -> web.Response:
         return web.json_response({"hostname": "fake-kuma-cp", "tagline": "Kuma",
-                                  "version": "2.14.3", "product": "Kuma",
+                                  "version": self.version, "product": "Kuma",
                                   "instanceId": "fake-kuma-cp-1", "clusterId": "fake"})
 
     def _mesh_item(self, name: str) -> dict[str, Any]:
@@ -307,6 +339,11 @@ class FakeKumaCP:
         if name not in self.meshes:
             return _error(404, "Could not retrieve a resource", "Not found")
         return web.json_response(self._mesh_item(name))
+
+    async def _list_policies(self, request: web.Request) -> web.Response:
+        mesh = request.match_info["mesh"]
+        return self._page(request, [p for (m, _), p in sorted(self.policies.items())
+                                    if m == mesh])
 
     def _mesh_dataplanes(self, mesh: str) -> list[FakeDataplane]:
         return [dp for (m, n), dp in sorted(self.dataplanes.items()) if m == mesh]

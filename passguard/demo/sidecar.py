@@ -23,7 +23,7 @@ What differs from a real sidecar, and why:
 * MeshPassthrough listeners keep ``tls_inspector`` but not ``http_inspector``:
   the latter waits for a whole HTTP request line before it gives up, which
   stalls a raw TCP payload such as ``b"hello"`` until the listener filter
-  timeout.  Only ``tcp`` matches are generated, which do not need it.
+  timeout.  Only ``tcp`` and ``tls`` matches are generated, which do not need it.
 
 Observed on Envoy 1.40, and worth knowing when reading ``GET /clusters``: one
 destination can appear on several host lines of the same ORIGINAL_DST cluster
@@ -297,7 +297,7 @@ def build_config(
     listen_host_v6: str = "::1",
     ports: SidecarPorts | None = None,
     *,
-    matches: Sequence[tuple[str, int]] = (),
+    matches: Sequence[tuple[str, int] | tuple[str, int, str]] = (),
     passthrough: bool = True,
     node_id: str = "default.demo-app",
 ) -> dict[str, Any]:
@@ -353,8 +353,12 @@ def build_config(
         family_matches = [m for m in matches if family_of_address(m[0]) == family]
         if generation == "meshpassthrough" and family_matches:
             chains = []
-            for ip, port in family_matches:
-                mp_name = meshpassthrough_cluster_name("tcp", ip, port)
+            for match in family_matches:
+                # (ip, port[, protocol]): Kuma gives a tcp entry a chain on
+                # transport raw_buffer, a tls entry one on tls.
+                ip, port = match[0], match[1]
+                protocol = match[2] if len(match) > 2 else "tcp"
+                mp_name = meshpassthrough_cluster_name(protocol, ip, port)
                 mp_stat = sanitize_metric(mp_name)
                 clusters.append(_original_dst_cluster(mp_name, mp_stat))
                 chains.append(
@@ -368,7 +372,7 @@ def build_config(
                                     "prefixLen": 32 if family == "ipv4" else 128,
                                 }
                             ],
-                            "transportProtocol": "raw_buffer",
+                            "transportProtocol": "tls" if protocol == "tls" else "raw_buffer",
                         },
                         "filters": [_tcp_proxy(mp_name, mp_stat)],
                     }
@@ -489,7 +493,7 @@ class EnvoyProcess:
         generation: Generation = "legacy",
         *,
         admin: Literal["tcp", "unix"] = "tcp",
-        matches: Sequence[tuple[str, int]] = (),
+        matches: Sequence[tuple[str, int] | tuple[str, int, str]] = (),
         passthrough: bool = True,
         envoy_binary: str | None = None,
         ready_timeout: float = 15.0,

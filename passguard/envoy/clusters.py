@@ -64,6 +64,9 @@ class Destination:
     family: Family
     cx_total: int  # connections opened since Envoy created the host(s)
     cx_active: int
+    # The meshpassthrough_* clusters (names as Envoy lists them) that carry
+    # it: each names the appendMatch entry, and so the transport, it went by.
+    routes: tuple[str, ...] = ()
 
 
 class ClustersParser:
@@ -114,14 +117,17 @@ class ClustersParser:
         # would be tried at every character; the first line is matched alone.
         first = re.compile(host_line, re.MULTILINE).match(text)
         lines = re.compile("\n" + host_line, re.MULTILINE).finditer(text)
-        acc: dict[tuple[Family, str], list[int]] = {}
+        acc: dict[tuple[Family, str, str], list[int]] = {}
         for m in itertools.chain((first,) if first else (), lines):
-            key = (family_of(clusters[m.group("c")]), m.group("a"))
+            cluster = m.group("c")
+            fam = family_of(clusters[cluster])
+            key = (fam, m.group("a"), cluster if fam == "matched" else "")
             row = acc.get(key)
             if row is None:
                 row = acc[key] = [0, 0]
             row[0 if m.group("s") == "cx_total" else 1] += counter(m.group("v"), "a host counter")
-        return _destinations((fam, addr, row[0], row[1]) for (fam, addr), row in acc.items())
+        return _destinations((fam, addr, row[0], row[1], route)
+                             for (fam, addr, route), row in acc.items())
 
     # -- JSON ---------------------------------------------------------------
 
@@ -131,7 +137,7 @@ class ClustersParser:
         except ValueError as exc:
             raise ScrapeError(f"/clusters?format=json is not JSON: {exc}") from None
         statuses = _field(doc, "cluster_statuses", list, "the answer")
-        acc: dict[tuple[Family, str], list[int]] = {}
+        acc: dict[tuple[Family, str, str], list[int]] = {}
         for i, cluster in enumerate(statuses):
             where = f"cluster_statuses[{i}]"
             name = _field(cluster, "name", str, where)
@@ -148,13 +154,18 @@ class ClustersParser:
                 hwhere = f"{where}.host_statuses[{j}]"
                 addr = _json_address(host, hwhere)
                 total, active = _json_stats(host, hwhere)
-                row = acc.setdefault((fam, addr), [0, 0])
+                row = acc.setdefault((fam, addr, name if fam == "matched" else ""), [0, 0])
                 row[0] += total
                 row[1] += active
-        return _destinations((fam, addr, row[0], row[1]) for (fam, addr), row in acc.items())
+        return _destinations((fam, addr, row[0], row[1], route)
+                             for (fam, addr, route), row in acc.items())
 
 
-def _destinations(rows: Iterable[tuple[Family, str, int, int]]) -> list[Destination]:
+#: Routes kept per destination: a hostile /clusters must not grow a row.
+MAX_ROUTES = 8
+
+
+def _destinations(rows: Iterable[tuple[Family, str, int, int, str]]) -> list[Destination]:
     """One Destination per address.  Normalised once per destination (not per
     line), so the text and the JSON form, and two spellings of one IPv6
     address, give one key.  An address on clusters of two families (only
@@ -162,18 +173,23 @@ def _destinations(rows: Iterable[tuple[Family, str, int, int]]) -> list[Destinat
     takes the family that carried most of its connections."""
     merged: dict[str, list[int]] = {}
     by_family: dict[str, dict[Family, int]] = {}
-    for fam, addr, total, active in rows:
+    routes: dict[str, list[str]] = {}
+    for fam, addr, total, active, route in rows:
         key = _normalise(addr)
         row = merged.setdefault(key, [0, 0])
         row[0] += total
         row[1] += active
         fams = by_family.setdefault(key, {})
         fams[fam] = fams.get(fam, 0) + total
+        if route:
+            kept = routes.setdefault(key, [])
+            if route not in kept and len(kept) < MAX_ROUTES:
+                kept.append(route)
     out = []
     for addr, (total, active) in merged.items():
         fams = by_family[addr]
         family = max(fams, key=lambda f: (fams[f], -FAMILIES.index(f)))
-        out.append(Destination(addr, family, total, active))
+        out.append(Destination(addr, family, total, active, tuple(sorted(routes.get(addr, ())))))
     return sorted(out, key=lambda d: (d.family, d.address))
 
 

@@ -83,3 +83,29 @@ def listener_family(name: str) -> Family:
     if name.endswith("_ipv4") or name[:1].isdigit():
         return "ipv4"
     return family_of(name)
+
+
+_ROUTE_PROTOCOLS = ("tcp", "tls", "http", "http2", "grpc")
+
+
+def parse_route(cluster: str) -> tuple[str | None, str, int | None] | None:
+    """``meshpassthrough_<protocol>_<value>_<port|*>`` (Kuma 2.9.2+; mysql
+    entries are named ``tcp``) or ``meshpassthrough_<value>_<port|*>`` (2.8 -
+    2.9.1, no protocol) → (protocol or None, value, port or None). The value
+    is the entry's own text (an IP, a CIDR, a domain); None for other names."""
+    if not cluster.startswith("meshpassthrough_"):
+        return None
+    rest = cluster[len("meshpassthrough_"):]
+    body, sep, port_text = rest.rpartition("_")
+    if not sep or not body:
+        return None
+    if port_text == "*":
+        port: int | None = None
+    elif port_text.isdigit() and 0 < int(port_text) < 65536:
+        port = int(port_text)
+    else:
+        return None
+    proto, sep, value = body.partition("_")
+    if sep and proto in _ROUTE_PROTOCOLS and value:
+        return proto, value, port
+    return None, body, port

@@ -21,47 +21,54 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from passguard.errors import InputError
+from passguard.policy.model import (
+    MATCH_TYPES,
+    PROTOCOLS,
+    Match,
+    MeshFlag,
+    PassthroughMode,
+    Policy,
+    TargetRef,
+)
 
-PassthroughMode = Literal["All", "Matched", "None"]
 MODE_RANK: dict[str, int] = {"None": 0, "Matched": 1, "All": 2}
 BREAK_GLASS = "passguard.io/acknowledge-traffic"
-MATCH_TYPES = ("Domain", "IP", "CIDR")
-TARGET_KINDS_SELECTING = ("Mesh", "MeshSubset", "Dataplane")
-
-
-@dataclass(frozen=True)
-class Match:
-    type: str
-    value: str
-    port: int | None = None
-    protocol: str | None = None
-
-
-@dataclass(frozen=True)
-class TargetRef:
-    kind: str = "Mesh"
-    name: str | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
-    tags: Mapping[str, str] = field(default_factory=dict)
+# Kinds whose documents hold other documents in ``items`` (kubectl reads any
+# object with items as a list: List, MeshList, MeshPassthroughList, ...).
+MAX_LIST_NESTING = 8
 
 
 @dataclass(frozen=True)
 class Resource:
+    """One Mesh or MeshPassthrough document. ``name`` is the control plane's
+    name: ``name.namespace`` for a namespaced Kubernetes object."""
+
     kind: Literal["Mesh", "MeshPassthrough"]
     name: str
     mesh: str
     form: Literal["universal", "kubernetes"]
-    mode: PassthroughMode
+    # Mesh: "None" (passthrough: false) or "All"; MeshPassthrough: as written,
+    # None when passthroughMode is absent (the Kuma version decides).
+    mode: PassthroughMode | None
     matches: tuple[Match, ...] = ()
     target_ref: TargetRef = field(default_factory=TargetRef)
     break_glass: str | None = None
     digest: str = ""
     # Mesh only: was networking.outbound.passthrough written at all?
     explicit: bool = True
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ident(self) -> tuple[str, str, str]:
         return (self.kind, self.mesh, self.name)
+
+    def policy(self) -> Policy:
+        """The MeshPassthrough as the control plane would hold it."""
+        return Policy(self.name, self.mesh, self.mode, self.matches, self.target_ref,
+                      self.labels, self.form == "kubernetes")
+
+    def flag(self) -> MeshFlag:
+        return MeshFlag(self.name, None if not self.explicit else self.mode != "None")
 
 
 OldSource = Literal["document", "assumed", "control-plane"]
@@ -207,6 +214,9 @@ def _parse_matches(d: _Doc, path: str) -> tuple[Match, ...]:
         if port is not None and not 1 <= port <= 65535:
             raise d.fail(f"{ipath}.port", f"must be between 1 and 65535, got {port}")
         protocol = m.get("protocol", str)
+        if protocol is not None and protocol not in PROTOCOLS:
+            raise d.fail(f"{ipath}.protocol", f"must be one of {', '.join(PROTOCOLS)}, "
+                                              f"got {_show(protocol)}")
         out.append(Match(mtype, value, port, protocol))
     return tuple(out)
 
@@ -215,8 +225,15 @@ def _parse_target_ref(d: _Doc, path: str) -> TargetRef:
     if d.get(path, dict) is None:
         return TargetRef()  # Kuma's default: the whole mesh
     kind = d.get(f"{path}.kind", str, "Mesh")
+    proxy_types = d.get(f"{path}.proxyTypes", list, [])
+    for i, t in enumerate(proxy_types):
+        if t not in ("Sidecar", "Gateway"):
+            raise d.fail(f"{path}.proxyTypes[{i}]", f"must be Sidecar or Gateway, got {_show(t)}")
     return TargetRef(kind=kind, name=d.get(f"{path}.name", str),
-                     labels=_string_map(d, f"{path}.labels"), tags=_string_map(d, f"{path}.tags"))
+                     namespace=d.get(f"{path}.namespace", str),
+                     labels=_string_map(d, f"{path}.labels"), tags=_string_map(d, f"{path}.tags"),
+                     section_name=d.get(f"{path}.sectionName", str),
+                     proxy_types=tuple(proxy_types))
 
 
 def _break_glass(d: _Doc, form: str) -> str | None:
@@ -265,10 +282,13 @@ def _check_keys(doc: Any, label: str) -> None:
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
 
 
-def parse_resource(doc: Any, label: str, keys_checked: bool = False) -> Resource | str:
+def parse_resource(doc: Any, label: str, keys_checked: bool = False,
+                   namespace: str | None = None) -> Resource | str:
     """A Resource, or a description of an ignored document (a string).
     ``keys_checked``: ``doc`` is part of a document whose keys were checked
-    (walking an AdmissionReview's objects again cost a tenth of a request)."""
+    (walking an AdmissionReview's objects again cost a tenth of a request).
+    ``namespace``: where a Kubernetes object without ``metadata.namespace``
+    is made (an AdmissionReview's ``request.namespace``)."""
     if not keys_checked:
         _check_keys(doc, label)
     kind, what = _classify(doc, label)
@@ -283,23 +303,30 @@ def parse_resource(doc: Any, label: str, keys_checked: bool = False) -> Resource
     label = f"{label} ({kind} {name})"
     d.label = label
     bg = _break_glass(d, form)
+    labels = _string_map(d, "metadata.labels" if form == "kubernetes" else "labels")
     if kind == "Mesh":
         passthrough = d.get(f"{prefix}networking.outbound.passthrough", bool)
         mode: PassthroughMode = "None" if passthrough is False else "All"
         return Resource("Mesh", name, name, form, mode, break_glass=bg, digest=digest(doc),
-                        explicit=passthrough is not None)
+                        explicit=passthrough is not None, labels=labels)
     if form == "kubernetes":
-        mesh = _string_map(d, "metadata.labels").get("kuma.io/mesh", "default")
+        mesh = labels.get("kuma.io/mesh", "default")
+        # The control plane names a namespaced object `name.namespace`
+        # (docs/semantics.md): the same name its own listing shows.
+        ns = d.get("metadata.namespace", str) or namespace
+        if ns:
+            name = f"{name}.{ns}"
     else:
         mesh = d.get("mesh", str, "default")
     spec = "spec"
-    raw_mode = d.get(f"{spec}.default.passthroughMode", str, "Matched")
-    if raw_mode not in MODE_RANK:
+    raw_mode = d.get(f"{spec}.default.passthroughMode", str)
+    if raw_mode is not None and raw_mode not in MODE_RANK:
         raise d.fail(f"{spec}.default.passthroughMode",
                      f"must be All, Matched or None, got {_show(raw_mode)}")
     matches = _parse_matches(d, f"{spec}.default.appendMatch")
     return Resource("MeshPassthrough", name, mesh, form, raw_mode,
-                    matches, _parse_target_ref(d, f"{spec}.targetRef"), bg, digest(doc))
+                    matches, _parse_target_ref(d, f"{spec}.targetRef"), bg, digest(doc),
+                    labels=labels)
 
 
 def _flatten(docs: list[Any]) -> list[tuple[Any, Any, bool]]:
@@ -313,14 +340,34 @@ def _flatten(docs: list[Any]) -> list[tuple[Any, Any, bool]]:
                 raise InputError("unexpected keys next to object/oldObject: "
                                  f"{sorted(unknown, key=repr)}")
             out.append((doc["object"], doc.get("oldObject"), "oldObject" in doc))
-        elif isinstance(doc, dict) and doc.get("kind") == "List" and "items" in doc:
-            items = doc["items"]
-            if not isinstance(items, list):
-                raise InputError(f"a List's items must be a list, got {_type(items)}")
-            out.extend((item, None, False) for item in items)
         else:
-            out.append((doc, None, False))
+            out.extend((item, None, False) for item in _list_items(doc, 0))
     return out
+
+
+def _is_list(doc: Any) -> bool:
+    """kubectl's rule: an object with ``items`` is a list, whatever its kind
+    (``List``, ``MeshList``, ``MeshPassthroughList``) — and so is a kumactl
+    listing, which has no kind at all."""
+    if not isinstance(doc, dict) or "items" not in doc:
+        return False
+    kind = doc.get("kind")
+    return (kind is None and "type" not in doc) or (isinstance(kind, str) and kind.endswith("List"))
+
+
+def _list_items(doc: Any, depth: int) -> list[Any]:
+    """``doc`` itself, or every resource of a list, nested lists opened."""
+    if not _is_list(doc):
+        return [doc]
+    if depth >= MAX_LIST_NESTING:
+        raise InputError(f"lists nested more than {MAX_LIST_NESTING} deep")
+    items = doc["items"]
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise InputError(f"a {doc.get('kind') or 'list'}'s items must be a list, "
+                         f"got {_type(items)}")
+    return [r for item in items for r in _list_items(item, depth + 1)]
 
 
 def parse_documents(docs: list[Any], old_docs: list[Any] | None = None) -> Parsed:
@@ -329,7 +376,8 @@ def parse_documents(docs: list[Any], old_docs: list[Any] | None = None) -> Parse
     for i, doc in enumerate(docs):
         _check_keys(doc, f"document {i + 1}")  # before any key is sorted or compared
     old_index: dict[tuple[str, str, str], Resource] = {}
-    for i, od in enumerate(old_docs or []):
+    olds = [item for od in old_docs or [] for item in _list_items(od, 0)]
+    for i, od in enumerate(olds):
         r = parse_resource(od, f"old document {i + 1}")
         if isinstance(r, Resource):
             old_index[r.ident] = r

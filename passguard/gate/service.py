@@ -7,52 +7,72 @@ pipeline gets the same answer from either.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from passguard.config import GateConfig
-from passguard.gate.decide import ALL, GENERIC, Decision, Evidence, decide, overall, summarize
-from passguard.gate.documents import TargetRef, parse_documents
+from passguard.gate.decide import Decision, Evidence, decide_mesh, judge_mesh, overall
+from passguard.gate.documents import Change, Resource, parse_documents
+from passguard.policy.model import MeshState
 from passguard.store.snapshot import Snapshot
 
-#: What nearly every request asks about a mesh: passthrough off for all of
-#: it (a Mesh flag or a MeshPassthrough deleted: the generic families; a
-#: MeshPassthrough ``None``: every family).
-COMMON_QUESTIONS = ((TargetRef(), GENERIC, None), (TargetRef(), ALL, None))
+States = Mapping[str, MeshState]
 
 
-def evidence_of(snapshot: Snapshot, mesh: str) -> Evidence:
+def mesh_off(mesh: str) -> Change:
+    """``passthrough: false`` on ``mesh``: what the status page and
+    ``verdict_if_disabled`` ask, and what nearly every request asks."""
+    return Change(Resource("Mesh", mesh, mesh, "universal", "None"), None, "assumed")
+
+
+def evidence_of(snapshot: Snapshot, mesh: str, states: States | None = None,
+                now: float | None = None) -> Evidence:
     """The evidence of ``mesh`` in ``snapshot``, built one way everywhere:
-    the memo finds a summary by the identity of these tuples."""
+    the memo finds a judgement by the identity of these tuples."""
+    state = (states or {}).get(mesh)
+    stale = False
+    note = "no control plane lists this mesh"
+    if state is not None:
+        age = (now if now is not None else snapshot.time) - state.as_of
+        stale = state.stale(now if now is not None else snapshot.time)
+        note = (f"{state.source} last listed it {age:.0f}s ago (stale_after "
+                f"{state.stale_after:g}s)")
     return Evidence(mesh, snapshot.window_seconds, snapshot.for_mesh(mesh),
-                    snapshot.destinations_of(mesh))
+                    snapshot.destinations_of(mesh), state=state, state_note=note,
+                    state_stale=stale, time=snapshot.time)
 
 
-def prepare(snapshot: Snapshot, mesh: str) -> None:
-    """Compute the common summaries of ``mesh`` into the snapshot's memo (and
-    their JSON), before the snapshot is published: otherwise the first
-    request about each mesh after every cycle computed them, all within a few
-    milliseconds of each other, and the requests behind them waited (a burst
-    of answers over 10 ms at each cycle's end at 500 req/s)."""
-    evidence = evidence_of(snapshot, mesh)
-    for ref, families, allowed in COMMON_QUESTIONS:
-        _ = summarize(ref, families, allowed, evidence, snapshot.memo).evidence_json
+def prepare(snapshot: Snapshot, mesh: str, states: States | None = None) -> None:
+    """Compute the common judgement of ``mesh`` (passthrough off) into the
+    snapshot's memo, with its JSON, before the snapshot is published:
+    otherwise the first request about each mesh after every cycle computed
+    it, all within a few milliseconds of each other, and the requests
+    behind them waited."""
+    for j in judge_mesh([mesh_off(mesh)], evidence_of(snapshot, mesh, states), snapshot.memo):
+        _ = j.evidence_json
 
 
 def check(docs: list[Any], old_docs: list[Any] | None, snapshot: Snapshot,
-          gate: GateConfig) -> tuple[dict[str, Any], list[Decision]]:
-    """Raise InputError for documents that cannot be used; otherwise the decision body."""
+          gate: GateConfig, states: States | None = None,
+          now: float | None = None) -> tuple[dict[str, Any], list[Decision]]:
+    """Raise InputError for documents that cannot be used; otherwise the decision body.
+    The changes of one mesh are judged together: what they do at once."""
     parsed = parse_documents(docs, old_docs)
-    decisions = []
-    for change in parsed.changes:
-        mesh = change.resource.mesh
-        decisions.append(decide(change, evidence_of(snapshot, mesh), gate.policy_for(mesh),
-                                snapshot.memo))
-    body = overall(decisions, gate.mode, parsed.warnings)
+    by_mesh: dict[str, list[int]] = {}
+    for i, change in enumerate(parsed.changes):
+        by_mesh.setdefault(change.resource.mesh, []).append(i)
+    decisions: list[Decision | None] = [None] * len(parsed.changes)
+    for mesh, idx in by_mesh.items():
+        changes = [parsed.changes[i] for i in idx]
+        for i, d in zip(idx, decide_mesh(changes, evidence_of(snapshot, mesh, states, now),
+                                         gate.policy_for(mesh), snapshot.memo), strict=True):
+            decisions[i] = d
+    done = [d for d in decisions if d is not None]
+    body = overall(done, gate.mode, parsed.warnings)
     if snapshot.window_seconds is None:
         body["evidence_source"] = ("one scrape: each proxy's counters since it started "
                                    "(no evidence window)")
-    return body, decisions
+    return body, done
 
 
 def _with_key(encoded: str, key: str, value: str) -> str:

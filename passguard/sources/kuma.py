@@ -60,13 +60,16 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 
-from passguard.errors import PassguardError
+from passguard.errors import InputError, PassguardError
+from passguard.gate.documents import Resource, parse_resource
+from passguard.policy.model import GatewayType, MeshFlag, MeshState, Policy, Proxy, Version
 from passguard.secretfile import read_secret
 from passguard.targets import Target
 
@@ -112,6 +115,9 @@ class KumaSourceConfig:
     page_size: int = 100  # Kuma's default; its maximum is 1000
     max_response_bytes: int = 64 * 1024 * 1024  # per page
     kind: Literal["kuma"] = "kuma"
+    # A mesh not listed completely for this long is insufficient data to the
+    # gate; None: three discovery intervals.
+    stale_after: float | None = None
 
     def wants(self, mesh: str) -> bool:
         return any(fnmatchcase(mesh, pattern) for pattern in self.meshes)
@@ -144,6 +150,8 @@ class MeshInfo:
     # The mesh's enabled Prometheus backend, for `stats: kuma-dp`.
     metrics_port: int | None = None
     metrics_path: str | None = None
+    # networking.outbound.passthrough as the CP holds it (None: not written).
+    passthrough: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +174,25 @@ class DataplaneInfo:
     gateway: bool = False
     metrics_port: int | None = None
     metrics_path: str | None = None
+    # What MeshPassthrough selection needs (docs/semantics.md): each inbound's
+    # own tags (a gateway's tags as its one "inbound"), names and ports; the
+    # resource labels; transparent proxying; the gateway type.
+    inbounds: tuple[Mapping[str, str], ...] = ()
+    inbound_names: tuple[str | None, ...] = ()
+    inbound_ports: tuple[int | None, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    transparent: bool | None = None
+    gateway_type: GatewayType | None = None
+    # Wall time of the latest disconnect, for an offline dataplane.
+    disconnected_at: float | None = None
 
     @property
     def service(self) -> str:
         return self.services[0] if self.services else ""
+
+    def proxy(self) -> Proxy:
+        return Proxy(self.mesh, self.name, self.inbounds, self.labels, self.inbound_names,
+                     self.inbound_ports, self.transparent, False, self.gateway_type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +296,55 @@ def parse_mesh_item(item: Any, where: str) -> MeshInfo:
                 conf = _opt_obj(b, "conf", bwhere) or {}
                 port = _opt_port(conf, "port", f"{bwhere}.conf")
                 path = _opt_str(conf, "path", f"{bwhere}.conf")
-    return MeshInfo(name, port, path)
+    outbound = _opt_obj(_opt_obj(doc, "networking", where) or {}, "outbound",
+                        f"{where}.networking") or {}
+    flag = outbound.get("passthrough")
+    if flag is not None and not isinstance(flag, bool):
+        raise KumaApiError(f"{where}.networking.outbound.passthrough must be true or false, "
+                           f"got {_kind(flag)}")
+    return MeshInfo(name, port, path, flag)
+
+
+def parse_policy_item(item: Any, where: str, mesh: str) -> Policy:
+    """A ``MeshPassthrough`` item of ``GET /meshes/{mesh}/meshpassthroughs``
+    (the Universal form: ``type``, ``mesh``, ``name``, ``labels``, ``spec``)."""
+    doc = _obj(item, where)
+    if doc.get("mesh", mesh) != mesh:
+        raise KumaApiError(f"{where}.mesh is {doc.get('mesh')!r} in a listing of mesh {mesh!r}")
+    try:
+        res = parse_resource({"type": "MeshPassthrough", "mesh": mesh,
+                              **{k: v for k, v in doc.items() if k != "type"}}, where)
+    except InputError as exc:
+        raise KumaApiError(str(exc)) from None
+    if not isinstance(res, Resource):  # pragma: no cover - the type is set above
+        raise KumaApiError(f"{where}: not a MeshPassthrough")
+    return res.policy()
+
+
+def parse_index(body: Any) -> Version | None:
+    """The API index (``GET /``): ``version``, or ``basedOnKuma`` for Kong Mesh."""
+    if not isinstance(body, dict):
+        return None
+    for key in ("basedOnKuma", "version"):
+        value = body.get(key)
+        if isinstance(value, str) and (v := Version.parse(value)) is not None:
+            return v
+    return None
+
+
+def disconnected_at(insight: Any) -> float | None:
+    """The latest ``disconnectTime`` of an insight's subscriptions (RFC 3339),
+    or None when there is none that parses: an offline proxy whose last
+    moment is unknown is treated as offline within the window."""
+    if not isinstance(insight, dict) or not isinstance(insight.get("subscriptions"), list):
+        return None
+    times = []
+    for sub in insight["subscriptions"]:
+        when = sub.get("disconnectTime") if isinstance(sub, dict) else None
+        if isinstance(when, str):
+            with contextlib.suppress(ValueError):
+                times.append(datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp())
+    return max(times) if times else None
 
 
 def is_online(insight: Any, where: str) -> bool:
@@ -317,13 +388,25 @@ def parse_dataplane_item(item: Any, where: str, mesh: str | None = None) -> Data
     services: list[str] = []
     tags: dict[str, str] = {}
     tag_sets: list[tuple[dict[str, str], str]] = []
+    names: list[str | None] = []
+    ports: list[int | None] = []
     for i, inbound in enumerate(_opt_list(net, "inbound", net_where)):
         iwhere = f"{net_where}.inbound[{i}]"
-        tag_sets.append((_str_map(_obj(inbound, iwhere), "tags", iwhere), iwhere))
+        ib = _obj(inbound, iwhere)
+        tag_sets.append((_str_map(ib, "tags", iwhere), iwhere))
+        names.append(_opt_str(ib, "name", iwhere))
+        ports.append(_opt_port(ib, "port", iwhere))
     gateway = _opt_obj(net, "gateway", net_where)
+    gateway_type: GatewayType | None = None
     if gateway is not None:
         gwhere = f"{net_where}.gateway"
         tag_sets.append((_str_map(gateway, "tags", gwhere), gwhere))
+        names.append(None)
+        ports.append(None)
+        # Kuma's Dataplane_Networking_Gateway_GatewayType: DELEGATED unless BUILTIN.
+        raw_type = _opt_str(gateway, "type", gwhere)
+        gateway_type = "builtin" if (raw_type or "").upper() == "BUILTIN" else "delegated"
+    tproxy = _opt_obj(net, "transparentProxying", net_where)
     for tagset, _ in tag_sets:
         for key in _SERVICE_TAGS:
             svc = tagset.get(key)
@@ -333,7 +416,8 @@ def parse_dataplane_item(item: Any, where: str, mesh: str | None = None) -> Data
                 break
         for k, v in tagset.items():
             tags.setdefault(k, v)
-    for k, v in _str_map(doc, "labels", where).items():
+    labels = _str_map(doc, "labels", where)
+    for k, v in labels.items():
         tags.setdefault(k, v)
 
     port = path = None
@@ -344,7 +428,16 @@ def parse_dataplane_item(item: Any, where: str, mesh: str | None = None) -> Data
         path = _opt_str(conf, "path", f"{spec_where}.metrics.conf")
     return DataplaneInfo(mesh=mesh_name, name=name, address=address, services=tuple(services),
                          tags=tags, online=online, gateway=gateway is not None,
-                         metrics_port=port, metrics_path=path)
+                         metrics_port=port, metrics_path=path,
+                         inbounds=tuple(t for t, _ in tag_sets), inbound_names=tuple(names),
+                         inbound_ports=tuple(ports), labels=labels,
+                         # Absent from the spec is not proof of no transparent
+                         # proxy (newer kuma-dp report it in their metadata):
+                         # unknown, and the policy is taken to apply.
+                         transparent=True if tproxy is not None else None,
+                         gateway_type=gateway_type,
+                         disconnected_at=disconnected_at(doc.get("dataplaneInsight"))
+                         if online is False else None)
 
 
 # --------------------------------------------------------------------------- the source
@@ -367,6 +460,11 @@ class StatsRequest:
 class _State:
     meshes: dict[str, MeshInfo] = field(default_factory=dict)
     dataplanes: dict[str, list[DataplaneInfo]] = field(default_factory=dict)
+    # The MeshPassthrough policies of each mesh, and when the mesh was last
+    # listed completely (its dataplanes and its policies in one pass).
+    policies: dict[str, tuple[Policy, ...]] = field(default_factory=dict)
+    listed_at: dict[str, float] = field(default_factory=dict)
+    version: Version | None = None
 
 
 class KumaSource:
@@ -384,6 +482,7 @@ class KumaSource:
         self.mesh_errors: dict[str, str] = {}
         self.overview_path: str | None = None  # which OVERVIEW_PATHS entry this CP serves
         self._state = _State()
+        self._mesh_states: dict[str, MeshState] = {}
         self._targets: list[Target] = []
         self._paths: dict[str, str] = {}
         self._token: str | None = None
@@ -404,6 +503,28 @@ class KumaSource:
     def meshes(self) -> list[str]:
         """Meshes of the last known list (those matching ``meshes``)."""
         return sorted(self._state.dataplanes)
+
+    @property
+    def version(self) -> Version | None:
+        return self._state.version
+
+    def mesh_states(self) -> dict[str, MeshState]:
+        """The current policy set of every mesh this CP listed completely at
+        least once. A mesh whose last listing failed keeps its older state:
+        its ``as_of`` tells the gate how old it is. The same objects until the
+        next pass: the gate's memo knows a state by its identity."""
+        return self._mesh_states
+
+    def _build_mesh_states(self) -> dict[str, MeshState]:
+        st = self._state
+        stale_after = self.cfg.stale_after or 3 * self.cfg.discovery_interval
+        return {
+            mesh: MeshState(mesh, MeshFlag(mesh, info.passthrough), st.policies[mesh],
+                            tuple(dp.proxy() for dp in st.dataplanes.get(mesh, ())),
+                            st.version, self.base, st.listed_at[mesh], stale_after)
+            for mesh, info in st.meshes.items()
+            if mesh in st.policies and mesh in st.listed_at
+        }
 
     @property
     def headers(self) -> dict[str, str]:
@@ -429,7 +550,9 @@ class KumaSource:
             return
         self._state = _State(dict(old._state.meshes),
                              {m: dps for m, dps in old._state.dataplanes.items()
-                              if self.cfg.wants(m)})
+                              if self.cfg.wants(m)},
+                             dict(old._state.policies), dict(old._state.listed_at),
+                             old._state.version)
         self._token = old._token
         self.last_success, self.last_error = old.last_success, old.last_error
         self.overview_path = old.overview_path
@@ -485,35 +608,62 @@ class KumaSource:
     async def _discover(self) -> list[str]:
         self._token = self._read_token() if self.cfg.token_file else None
         self._refresh_ssl()
+        try:
+            version = parse_index(await self._get_json("/", {}))
+        except KumaApiError as exc:
+            # The version only refines the semantics; unknown, the gate takes
+            # the stricter reading of each version-dependent rule.
+            log.debug("Kuma CP %s: no version from its index: %s", self.base, exc)
+            version = None
         meshes = [parse_mesh_item(it, f"GET /meshes: items[{i}]")
                   for i, it in enumerate(await self._list_all("/meshes"))]
         wanted = [m for m in meshes if self.cfg.wants(m.name)]
         gate = asyncio.Semaphore(MESH_CONCURRENCY)
 
-        async def one(mesh: MeshInfo) -> list[DataplaneInfo] | str:
+        async def one(mesh: MeshInfo) -> tuple[list[DataplaneInfo], tuple[Policy, ...]] | str:
             async with gate:
                 try:
-                    return await self._mesh_dataplanes(mesh.name)
+                    return (await self._mesh_dataplanes(mesh.name),
+                            await self._mesh_policies(mesh.name))
                 except KumaApiError as exc:
                     return str(exc)
 
         results = await asyncio.gather(*(one(m) for m in wanted))
+        listed = time.time()
         errors: list[str] = []
-        old = self._state.dataplanes
-        new = _State()
+        old = self._state
+        new = _State(version=version or old.version)
         for mesh, result in zip(wanted, results, strict=True):
             new.meshes[mesh.name] = mesh
             if isinstance(result, str):
                 errors.append(result)
                 self.mesh_errors[mesh.name] = result
-                if mesh.name in old:
-                    new.dataplanes[mesh.name] = old[mesh.name]
+                # The mesh keeps what its last complete listing said.
+                if mesh.name in old.dataplanes:
+                    new.dataplanes[mesh.name] = old.dataplanes[mesh.name]
+                if mesh.name in old.policies and mesh.name in old.listed_at:
+                    new.policies[mesh.name] = old.policies[mesh.name]
+                    new.listed_at[mesh.name] = old.listed_at[mesh.name]
             else:
-                new.dataplanes[mesh.name] = result
+                new.dataplanes[mesh.name], new.policies[mesh.name] = result
+                new.listed_at[mesh.name] = listed
         # Meshes gone from the CP, or no longer wanted, are dropped with their dataplanes.
         self._state = new
         self._rebuild()
         return errors
+
+    async def _mesh_policies(self, mesh: str) -> tuple[Policy, ...]:
+        """Every MeshPassthrough of ``mesh``. A CP older than the policy
+        (before Kuma 2.8) answers 404: there is none."""
+        path = f"/meshes/{quote(mesh, safe='')}/meshpassthroughs"
+        try:
+            items = await self._list_all(path)
+        except KumaApiError as exc:
+            if exc.status == 404:
+                return ()
+            raise
+        return tuple(parse_policy_item(it, f"GET {path}: items[{i}]", mesh)
+                     for i, it in enumerate(items))
 
     async def _mesh_dataplanes(self, mesh: str) -> list[DataplaneInfo]:
         prefix = f"/meshes/{quote(mesh, safe='')}"
@@ -646,6 +796,7 @@ class KumaSource:
         raise KumaApiError(f"GET {path}: more than {MAX_PAGES} pages; giving up")
 
     def _rebuild(self) -> None:
+        self._mesh_states = self._build_mesh_states()
         targets: list[Target] = []
         paths: dict[str, str] = {}
         for dp in self.dataplanes():
@@ -662,7 +813,8 @@ class KumaSource:
                 path = dp.metrics_path or mesh.metrics_path or DEFAULT_METRICS_PATH
                 paths[f"{dp.mesh}/{dp.name}"] = path if path.startswith("/") else "/" + path
             targets.append(Target(url=url, mesh=dp.mesh, dataplane=dp.name, service=dp.service,
-                                  tags=dp.tags, offline=dp.online is False))
+                                  tags=dp.tags, offline=dp.online is False,
+                                  offline_since=dp.disconnected_at))
         self._targets, self._paths = targets, paths
 
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 from ssl import SSLContext
 
 from passguard.config import Config, EnvoySource
+from passguard.policy.model import MeshState
 from passguard.scraper import Request
 from passguard.sources.kuma import KumaApiError, KumaSource, KumaSourceConfig, ssl_context
 from passguard.sources.prometheus import PrometheusSource
@@ -67,6 +68,15 @@ class SourceSet:
                     kuma_of[t.key] = src
         self._kuma_of = kuma_of
         return list(out.values())
+
+    def mesh_states(self) -> dict[str, MeshState]:
+        """The current policy set per mesh, from every control plane (the
+        first source that lists a mesh wins, as for targets)."""
+        out: dict[str, MeshState] = {}
+        for src in self.kuma:
+            for mesh, state in src.mesh_states().items():
+                out.setdefault(mesh, state)
+        return out
 
     def complete(self) -> bool:
         """Every control plane answered at least once: a dataplane missing from

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from passguard.envoy.clusters import MAX_ROUTES
 from passguard.envoy.names import Family
 from passguard.yielding import Budget
 
@@ -26,6 +27,7 @@ class HostReading(NamedTuple):
     cx_total: int
     cx_active: int
     family: Family
+    routes: tuple[str, ...] = ()  # the meshpassthrough_* clusters that carried it
 
 
 @dataclass(slots=True)
@@ -42,6 +44,8 @@ class Destination:
     last_active: int = 0
     # (time, increase) of every non-zero increase, pruned with the window.
     events: deque[tuple[float, int]] = field(default_factory=deque)
+    # meshpassthrough_* clusters seen carrying it (bounded, newest kept).
+    routes: tuple[str, ...] = ()
 
     def in_window(self, window_start: float) -> int:
         return sum(n for t, n in self.events if t >= window_start)
@@ -62,6 +66,7 @@ class DestinationView:
     connections: int
     window_connections: int
     active: int
+    routes: tuple[str, ...] = ()
 
     @property
     def ip(self) -> str:
@@ -97,6 +102,8 @@ class DestinationBook:
                 inc = h.cx_total
             d.last_seen, d.last_cx_total, d.last_active = t, h.cx_total, h.cx_active
             d.service = service
+            if h.routes and not set(h.routes) <= set(d.routes):
+                d.routes = tuple(dict.fromkeys((*h.routes, *d.routes)))[:MAX_ROUTES]
             if inc:
                 d.connections += inc
                 d.events.append((t, inc))
@@ -144,4 +151,5 @@ class DestinationBook:
 
 def _view(d: Destination, window_start: float) -> DestinationView:
     return DestinationView(d.mesh, d.dataplane, d.service, d.address, d.family, d.first_seen,
-                           d.last_seen, d.connections, d.in_window(window_start), d.last_active)
+                           d.last_seen, d.connections, d.in_window(window_start), d.last_active,
+                           d.routes)

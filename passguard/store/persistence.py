@@ -21,7 +21,8 @@ from passguard.envoy.stats import Counters
 from passguard.store.destinations import Destination, DestinationBook
 from passguard.store.window import History, Sample, Segment
 
-SCHEMA_VERSION = 1
+# 2: destinations.routes (the meshpassthrough_* clusters that carried each one).
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS targets (
     key TEXT PRIMARY KEY,
@@ -39,9 +40,12 @@ CREATE TABLE IF NOT EXISTS destinations (
     mesh TEXT NOT NULL, dataplane TEXT NOT NULL, service TEXT NOT NULL, family TEXT NOT NULL,
     first_seen REAL NOT NULL, last_seen REAL NOT NULL, connections INTEGER NOT NULL,
     last_cx_total INTEGER NOT NULL, last_active INTEGER NOT NULL, events TEXT NOT NULL,
+    routes TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (key, address)
 );
 """
+# Columns added after a release: a database made before gets them at open.
+_ADDED_COLUMNS = (("destinations", "routes", "TEXT NOT NULL DEFAULT ''"),)
 
 
 # One encoder for every row: json.dumps() with options builds a new one per call.
@@ -80,6 +84,10 @@ class StateDB:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{path} was written by a newer passguard (schema {version})")
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def save(self, histories: Iterable[tuple[str, History, list[Segment]]],
@@ -145,13 +153,13 @@ class StateDB:
                           removed: Iterable[str] = ()) -> None:
         rows = [(key, d.address, d.mesh, d.dataplane, d.service, d.family, d.first_seen,
                  d.last_seen, d.connections, d.last_cx_total, d.last_active,
-                 json.dumps(list(d.events))) for key, d in changed]
+                 json.dumps(list(d.events)), "\n".join(d.routes)) for key, d in changed]
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany("INSERT OR REPLACE INTO destinations VALUES "
-                               "(?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                               "(?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
                 for key in removed:
                     db.execute("DELETE FROM destinations WHERE key = ?", (key,))
                 db.execute("COMMIT")
@@ -165,11 +173,15 @@ class StateDB:
     def load_destinations(self, book: DestinationBook) -> int:
         n = 0
         with self._lock:
-            for row in self._db.execute("SELECT * FROM destinations"):
+            for row in self._db.execute(
+                    "SELECT key, address, mesh, dataplane, service, family, first_seen, "
+                    "last_seen, connections, last_cx_total, last_active, events, routes "
+                    "FROM destinations"):
                 (key, address, mesh, dp, service, family, first, last, conns, last_cx,
-                 last_active, events) = row
+                 last_active, events, routes) = row
                 d = Destination(mesh, dp, service, address, family, first, last, conns, last_cx,
-                                last_active, deque((t, n) for t, n in json.loads(events)))
+                                last_active, deque((t, n) for t, n in json.loads(events)),
+                                tuple(r for r in routes.split("\n") if r))
                 book.items.setdefault(key, {})[address] = d
                 n += 1
         return n

@@ -149,7 +149,8 @@ class Store:
                              ) -> list[tuple[str, Destination]]:
         if target.key not in self.targets:
             return []
-        hosts = {d.address: HostReading(d.cx_total, d.cx_active, d.family) for d in dests}
+        hosts = {d.address: HostReading(d.cx_total, d.cx_active, d.family, d.routes)
+                 for d in dests}
         return [(target.key, d) for d in self.book.update(
             target.key, target.mesh, target.dataplane, target.service, t, hosts)]
 

@@ -19,8 +19,7 @@ from passguard.audit import AuditEntry
 from passguard.config import format_duration, parse_duration
 from passguard.errors import InputError
 from passguard.gate import admission, service
-from passguard.gate.decide import Decision, decide
-from passguard.gate.documents import Change, Resource
+from passguard.gate.decide import Decision, decide, transport_word, via_of
 from passguard.gate.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
 from passguard.web import status_page
@@ -166,10 +165,9 @@ def _snapshot(request: web.Request) -> Snapshot:
 
 def verdict_if_disabled(snap: Snapshot, mesh: str, daemon: Daemon) -> str:
     """What the gate would answer now for ``passthrough: false`` on this mesh."""
-    probe = Resource("Mesh", mesh, mesh, "universal", "None")
-    decision = decide(Change(probe, None, "assumed"),
-                      service.evidence_of(snap, mesh), daemon.config.gate.policy_for(mesh),
-                      snap.memo)
+    decision = decide(service.mesh_off(mesh),
+                      service.evidence_of(snap, mesh, daemon.mesh_states(), time.time()),
+                      daemon.config.gate.policy_for(mesh), snap.memo)
     return decision.verdict
 
 
@@ -222,7 +220,10 @@ async def get_mesh(request: web.Request) -> web.Response:
 def destinations_body(snap: Snapshot, mesh: str | None = None) -> list[dict[str, Any]]:
     dests = snap.destinations_of(mesh) if mesh else snap.destinations
     return [{"mesh": d.mesh, "dataplane": d.dataplane, "service": d.service,
-             "address": d.address, "family": d.family, "first_seen": rfc3339(d.first_seen),
+             "address": d.address, "family": d.family,
+             # tls or tcp when a meshpassthrough_* cluster showed it; null: unknown.
+             "transport": transport_word(via_of(d)[0]),
+             "first_seen": rfc3339(d.first_seen),
              "last_seen": rfc3339(d.last_seen), "connections": d.connections,
              "window_connections": d.window_connections, "active_connections": d.active}
             for d in dests]
@@ -242,7 +243,8 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
     says why: a gate that decides unrecorded cannot be reviewed afterwards.
     """
     daemon = request.app[DAEMON]
-    body, decisions = service.check(docs, None, _snapshot(request), daemon.config.gate)
+    body, decisions = service.check(docs, None, _snapshot(request), daemon.config.gate,
+                                    daemon.mesh_states(), time.time())
     entries = [AuditEntry(source=source, requester=requester, mesh=d.mesh, mode=d.mode,
                           verdict=d.verdict, reasons=d.reasons,
                           documents=[{"kind": d.kind, "name": d.name, "digest": d.digest}],
@@ -376,7 +378,8 @@ async def index(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     snap = _snapshot(request)
     html = status_page.render(snap, meshes_body(snap, daemon), daemon.config.scrape.interval,
-                              destinations=destinations_body(snap))
+                              destinations=destinations_body(snap),
+                              states=daemon.mesh_states())
     return web.Response(text=html, content_type="text/html")
 
 

@@ -40,7 +40,6 @@ from passguard import __version__
 from passguard.config import GatePolicy, format_duration
 from passguard.gate import service
 from passguard.gate.decide import Decision, decide
-from passguard.gate.documents import Change, Resource
 from passguard.store.snapshot import DataplaneEvidence, Snapshot
 
 __all__ = ["ANSWERS", "answer_for", "probe_decision", "render"]
@@ -113,13 +112,12 @@ footer a{margin-right:.8rem}
 # --------------------------------------------------------------------------- the answer
 
 
-def probe_decision(snap: Snapshot, mesh: str) -> Decision:
+def probe_decision(snap: Snapshot, mesh: str, states: service.States | None = None,
+                   now: float | None = None) -> Decision:
     """The gate's decision for ``passthrough: false`` on ``mesh`` now, in enforce mode
     with ``on_insufficient_data: deny``: its reasons and evidence do not depend on
     the mesh's policy (the policy only caps the verdict)."""
-    probe = Resource("Mesh", mesh, mesh, "universal", "None")
-    return decide(Change(probe, None, "assumed"),
-                  service.evidence_of(snap, mesh),
+    return decide(service.mesh_off(mesh), service.evidence_of(snap, mesh, states, now),
                   GatePolicy(mode="enforce", on_insufficient_data="deny"), snap.memo)
 
 
@@ -211,10 +209,11 @@ def _state(d: DataplaneEvidence) -> str:
 # --------------------------------------------------------------------------- sections
 
 
-def _mesh_section(snap: Snapshot, m: Mapping[str, Any], now: float) -> tuple[str, Answer]:
+def _mesh_section(snap: Snapshot, m: Mapping[str, Any], now: float,
+                  states: service.States | None) -> tuple[str, Answer]:
     mesh = str(m["mesh"])
     gate = str(m.get("verdict_if_disabled", "deny"))
-    probe = probe_decision(snap, mesh)
+    probe = probe_decision(snap, mesh, states, now)
     answer = answer_for(gate, probe)
     dps = snap.for_mesh(mesh)
     counts = m.get("dataplanes", {})
@@ -334,7 +333,7 @@ def _destinations_section(destinations: Sequence[Mapping[str, Any]], now: float)
 
 def render(snap: Snapshot, meshes: Mapping[str, Any], interval: float, *,
            destinations: Sequence[Mapping[str, Any]] | None = None,
-           now: float | None = None) -> str:
+           now: float | None = None, states: service.States | None = None) -> str:
     """The whole page.
 
     ``meshes`` is the ``GET /v1/meshes`` body (its ``verdict_if_disabled`` is the
@@ -347,7 +346,7 @@ def render(snap: Snapshot, meshes: Mapping[str, Any], interval: float, *,
     overview: list[str] = []
     rendered = []
     for m in meshes.get("meshes", []):
-        html, answer = _mesh_section(snap, m, now)
+        html, answer = _mesh_section(snap, m, now, states)
         rendered.append((_ORDER[answer], str(m["mesh"]), answer, html, m))
     # What needs attention first: not safe, then not proven, then safe meshes.
     rendered.sort(key=lambda r: (r[0], r[1]))

@@ -191,7 +191,8 @@ async def test_admission_meshpassthrough_delete_and_break_glass(make_env: EnvFac
     _, ans, _ = await env.post("/v1/admission", review(
         None, k8s_mp("open", "busy", "All"), "DELETE"), token=None)
     assert ans["response"]["allowed"] is False, ans
-    assert "fall back to the Mesh setting" in ans["response"]["status"]["message"]
+    message = ans["response"]["status"]["message"]
+    assert "fall back to the other policies or the Mesh flag" in message
     _, ans, _ = await env.post("/v1/admission", review(
         None, k8s_mp("open", "idle", "All"), "DELETE"), token=None)
     assert ans["response"]["allowed"] is True

@@ -140,3 +140,74 @@ async def test_cp_down_at_start_keeps_the_restored_window(
             assert body["decisions"][0]["evidence"]["connections"] == 2, body
         finally:
             await d2.stop()
+
+
+async def post_check(d: Daemon, docs: list[Any]) -> dict[str, Any]:
+    body = "\n".join("---\n" + json.dumps(doc) for doc in docs)
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{d.config.listen.port}/v1/check", data=body) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()  # type: ignore[no-any-return]
+
+
+def mp_doc(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "MeshPassthrough", "name": name, "mesh": "shop", "spec": spec}
+
+
+async def test_gate_judges_the_control_planes_policies(
+        envoy_factory: EnvoyFactory, echo_upstream: EchoUpstream, tmp_path: Path) -> None:
+    """The current Mesh and MeshPassthrough policies come from the CP (its
+    MeshPassthrough list, Kuma's Universal item shape) and decide the verdict:
+    the Mesh flag is no reason to refuse where a policy decides, a policy aimed
+    at a dataplane's second inbound selects it, and deleting the policy is
+    judged against the flag the CP holds."""
+    web = await envoy_factory("legacy")
+    api = await envoy_factory("legacy")
+    open_all = {"targetRef": {"kind": "Mesh"}, "default": {"passthroughMode": "All"}}
+    async with FakeKumaCP(token=TOKEN) as cp:
+        cp.add_mesh("shop")
+        cp.add_dataplane("shop", "web-1", admin_url=web.admin_url, service="web",
+                         extra_inbounds=[{"port": 9901, "name": "admin",
+                                          "tags": {"kuma.io/service": "web-admin"}}])
+        cp.add_dataplane("shop", "api-1", admin_url=api.admin_url, service="api")
+        cp.add_policy("shop", "open", open_all)
+        (tmp_path / "token").write_text(TOKEN)
+        raw = {"listen": "127.0.0.1:0", "scrape": {"interval": "1s", "timeout": "900ms"},
+               "window": "30s", "state": {"path": "s.db"},
+               "sources": [{"kind": "kuma", "url": cp.url, "token_file": "token",
+                            "discovery_interval": "1s", "stale_after": "1h"}]}
+        d = Daemon(config_mod.build(raw, tmp_path))
+        await d.start(schedule=False)
+        try:
+            await d.cycle()
+            await send_traffic(web, echo_upstream, 3)
+            await d.cycle()
+            [state] = d.mesh_states().values()
+            assert [p.name for p in state.policies] == ["open"]
+            assert str(state.version) == "2.14.3"
+            assert {p.name: len(p.inbounds) for p in state.proxies} == {"web-1": 2, "api-1": 1}
+
+            mesh_off = {"type": "Mesh", "name": "shop",
+                        "networking": {"outbound": {"passthrough": False}}}
+            body = await post_check(d, [mesh_off])
+            assert body["verdict"] == "allow", body  # MeshPassthrough "open" decides
+            assert not any("no control plane" in w for w in body["warnings"])
+
+            lock_admin = mp_doc("lock-admin", {
+                "targetRef": {"kind": "MeshSubset", "tags": {"kuma.io/service": "web-admin"}},
+                "default": {"passthroughMode": "None"}})
+            body = await post_check(d, [lock_admin])
+            assert body["verdict"] == "deny", body
+            assert [x["dataplane"] for x in body["decisions"][0]["dataplanes"]] == ["web-1"]
+
+            delete_open = {"object": None, "oldObject": mp_doc("open", open_all)}
+            assert (await post_check(d, [delete_open]))["verdict"] == "allow"
+            # The CP's Mesh flag goes off: deleting the policy would now cut web-1.
+            cp.add_mesh("shop", networking={"outbound": {"passthrough": False}})
+            await d.sources.discover()
+            body = await post_check(d, [delete_open])
+            assert body["verdict"] == "deny", body
+            [row] = body["decisions"][0]["dataplanes"]
+            assert (row["dataplane"], row["before"], row["after"]) == ("web-1", "All", "None")
+        finally:
+            await d.stop()

@@ -69,8 +69,12 @@ async def test_inventory_policy_and_matched_decision(
                 assert cli.returncode == 0, cli.stderr
                 [policy] = list(yaml.safe_load_all(cli.stdout))
                 matches = policy["spec"]["default"]["appendMatch"]
-                assert {(m["value"], m["port"]) for m in matches} == {
-                    ("127.0.0.1", up1.port), ("::1", up2.port)}
+                # Seen on the generic passthrough clusters: TLS or plain TCP cannot
+                # be told apart, so each destination gets a tcp and a tls entry.
+                assert sorted((m["value"], m["port"], m["protocol"]) for m in matches) == [
+                    ("127.0.0.1", up1.port, "tcp"), ("127.0.0.1", up1.port, "tls"),
+                    ("::1", up2.port, "tcp"), ("::1", up2.port, "tls")]
+                assert {x["transport"] for x in inv} == {None}
 
                 # The generated policy keeps every observed destination: allowed.
                 async with s.post(url + "/v1/check", data=json.dumps(policy)) as r:

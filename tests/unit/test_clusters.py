@@ -93,8 +93,9 @@ def test_every_generation_and_family() -> None:
         Destination("[2001:db8::1]:443", "ipv6", 3, 1),
         Destination("1.1.1.1:53", "legacy", 1, 0),
         Destination("1.1.1.2:53", "legacy", 2, 0),
-        Destination("10.0.0.1:443", "matched", 5, 2),
-        Destination("[::1]:8443", "matched", 6, 0),
+        # A meshpassthrough_* cluster names the entry (and transport) it went by.
+        Destination("10.0.0.1:443", "matched", 5, 2, ("meshpassthrough_tcp_10.0.0.1_443",)),
+        Destination("[::1]:8443", "matched", 6, 0, ("meshpassthrough_tcp_::1_8443",)),
     ]
 
 
@@ -109,8 +110,9 @@ def test_one_entry_per_address_across_families() -> None:
         *cluster_block("meshpassthrough_tcp_10.0.0.2_443", "meshpassthrough_tcp_10_0_0_2_443",
                        [("10.0.0.2:443", 2, 1)]),
     ])
-    assert parse(text) == [Destination("10.0.0.2:443", "ipv4", 7, 1),
-                           Destination("10.0.0.1:443", "matched", 4, 1)]
+    assert parse(text) == [
+        Destination("10.0.0.2:443", "ipv4", 7, 1, ("meshpassthrough_tcp_10.0.0.2_443",)),
+        Destination("10.0.0.1:443", "matched", 4, 1, ("meshpassthrough_tcp_10.0.0.1_443",))]
     assert parse(to_json(text)) == parse(text)
 
 
@@ -318,8 +320,10 @@ async def test_real_envoy_meshpassthrough_destinations() -> None:
                                       blocked.host, blocked.port, io_timeout=2.0)
         await settle(envoy, 0)
         from_text, from_json, text = await _read_both(envoy)
-    expected = sorted([Destination(f"127.0.0.1:{a.port}", "matched", 4, 0),
-                       Destination(f"[::1]:{c.port}", "matched", 2, 0)],
+    expected = sorted([Destination(f"127.0.0.1:{a.port}", "matched", 4, 0,
+                                   (f"meshpassthrough_tcp_127.0.0.1_{a.port}",)),
+                       Destination(f"[::1]:{c.port}", "matched", 2, 0,
+                                   (f"meshpassthrough_tcp_::1_{c.port}",))],
                       key=lambda d: (d.family, d.address))
     assert from_text == expected, text
     assert from_json == expected

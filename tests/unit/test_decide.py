@@ -95,8 +95,8 @@ def test_decision_json_shape_matches_design() -> None:
             "verdict": "deny",
             "mode": "enforce",
             "reasons": [
-                "2 of 12 dataplanes opened 47 passthrough connections in the last 15m: "
-                "web-1 (40), api-3 (7)",
+                "2 of 12 dataplanes opened 47 passthrough connections in the last 15m that "
+                "the change would cut: web-1 (40), api-3 (7)",
                 "1 passthrough connection is open now: web-1 (1)",
             ],
             "evidence": {
@@ -104,8 +104,21 @@ def test_decision_json_shape_matches_design() -> None:
                 "dataplanes": {"total": 12, "with_traffic": 2, "unknown": 0, "offline": 1},
                 "connections": 47, "active_connections": 1, "destinations": [],
             },
+            # DESIGN §6: per affected dataplane, before/after and what it loses.
+            "dataplanes": [
+                {"dataplane": "web-1", "before": "All", "after": "None", "unproven": [],
+                 "lost": [{"address": "(destinations not observed)", "transport": None,
+                           "connections": 40}]},
+                {"dataplane": "api-3", "before": "All", "after": "None", "unproven": [],
+                 "lost": [{"address": "(destinations not observed)", "transport": None,
+                           "connections": 7}]},
+            ],
         }],
-        "warnings": [],
+        "warnings": [
+            "Mesh default: no control plane lists this mesh: judged the document(s) alone as "
+            "the after-state, every current passthrough connection as at stake, a dataplane a "
+            "policy no longer selects as falling back to no passthrough, and no other "
+            "MeshPassthrough as outranking these documents"],
     }
 
 
@@ -130,15 +143,22 @@ def test_old_state_disabled_is_not_a_reduction() -> None:
     new = Resource("Mesh", "default", "default", "universal", "None")
     d = decide(Change(new, old, "document"), Evidence("default", 900.0, EVIDENCE["traffic"]),
                GatePolicy("enforce", "deny"))
-    assert d.verdict == "allow" and d.evidence is None
+    assert d.verdict == "allow"
+    assert d.reasons == ["does not reduce any dataplane's effective passthrough"]
 
 
-def test_matched_only_counts_unmatched_families() -> None:
+def test_traffic_on_matched_clusters_is_judged_too() -> None:
+    """Regression (issue 12): only the generic clusters were read, so traffic
+    on meshpassthrough_* clusters never stopped a change. Without the control
+    plane the document alone is the after-state, against all current traffic."""
     ev = Evidence("default", 900.0, (dp("web-1", conns=5, fam="matched"),))
-    assert decide(MP_MATCHED, ev, GatePolicy("enforce", "deny")).verdict == "allow"
+    d = decide(MP_MATCHED, ev, GatePolicy("enforce", "deny"))
+    assert d.verdict == "deny"  # 5 connections no observed destination explains: unproven
+    assert d.dataplanes and d.dataplanes[0]["unobserved_connections"] == 5
+    assert decide(MP_MATCHED, ev, GatePolicy("enforce", "deny", "warn")).verdict == "warn"
     assert decide(MP_NONE, ev, GatePolicy("enforce", "deny")).verdict == "deny"
-    # A Mesh flag does not govern matched clusters: a MeshPassthrough does.
-    assert decide(MESH_OFF, ev, GatePolicy("enforce", "deny")).verdict == "allow"
+    # Without the control plane, the Mesh flag is taken as deciding.
+    assert decide(MESH_OFF, ev, GatePolicy("enforce", "deny")).verdict == "deny"
 
 
 def test_matched_removing_a_match_counts_matched_family() -> None:
@@ -153,7 +173,9 @@ def test_matched_removing_a_match_counts_matched_family() -> None:
 
 @pytest.mark.parametrize(("ref", "selected"), [
     (TargetRef("Dataplane", name="web-1"), ["web-1"]),
-    (TargetRef("Dataplane", labels={"app": "demo"}), ["api-3"]),
+    # web-1's labels are unknown (a static target): it may carry app=demo.
+    (TargetRef("Dataplane", labels={"app": "demo"}), ["web-1", "api-3"]),
+    (TargetRef("Dataplane", labels={"app": "other"}), ["web-1"]),
     (TargetRef("MeshSubset", tags={"kuma.io/service": "api"}), ["api-3"]),
     (TargetRef("Mesh"), ["web-1", "api-3"]),
 ])
@@ -169,9 +191,9 @@ def test_target_ref_selects_dataplanes(ref: TargetRef, selected: list[str]) -> N
 
 
 def dest(dp_name: str, address: str, window: int, active: int = 0,
-         family: str = "ipv4") -> DestinationView:
+         family: str = "ipv4", routes: tuple[str, ...] = ()) -> DestinationView:
     return DestinationView("default", dp_name, "web", address, family,  # type: ignore[arg-type]
-                           1.0, 2.0, window, window, active)
+                           1.0, 2.0, window, window, active, routes)
 
 
 def matched(*matches: Match) -> Change:
@@ -185,8 +207,28 @@ ENF = GatePolicy("enforce", "deny")
 def test_matched_allows_when_every_observed_destination_is_covered() -> None:
     ev = Evidence("default", 900.0, (dp("web-1", conns=5),),
                   (dest("web-1", "10.0.0.1:443", 3), dest("web-1", "10.1.2.3:5432", 2)))
-    d = decide(matched(Match("IP", "10.0.0.1", 443), Match("CIDR", "10.1.0.0/16")), ev, ENF)
+    # Transport unknown (generic passthrough clusters): tcp and tls entries both.
+    d = decide(matched(Match("IP", "10.0.0.1", 443, "tcp"), Match("IP", "10.0.0.1", 443, "tls"),
+                       Match("CIDR", "10.1.0.0/16", None, "tcp"),
+                       Match("CIDR", "10.1.0.0/16", None, "tls")), ev, ENF)
     assert d.verdict == "allow", d.reasons
+
+
+def test_matched_with_one_transport_is_unproven_for_ip_evidence() -> None:
+    """Regression (issue 12): a tcp entry keeps raw TCP only; IP evidence on a
+    generic cluster cannot tell TLS from raw TCP."""
+    ev = Evidence("default", 900.0, (dp("web-1", conns=3),), (dest("web-1", "10.0.0.1:443", 3),))
+    d = decide(matched(Match("IP", "10.0.0.1", 443)), ev, ENF)
+    assert d.verdict == "deny"
+    assert d.dataplanes and d.dataplanes[0]["unproven"][0]["address"] == "10.0.0.1:443"
+    assert decide(matched(Match("IP", "10.0.0.1", 443)), ev,
+                  GatePolicy("enforce", "deny", "warn")).verdict == "warn"
+    # Seen on a meshpassthrough_tls_* cluster: the transport is known.
+    tls = Evidence("default", 900.0, (dp("web-1", conns=3, fam="matched"),),
+                   (dest("web-1", "10.0.0.1:443", 3, family="matched",
+                         routes=("meshpassthrough_tls_10.0.0.1_443",)),))
+    assert decide(matched(Match("IP", "10.0.0.1", 443, "tls")), tls, ENF).verdict == "allow"
+    assert decide(matched(Match("IP", "10.0.0.1", 443, "tcp")), tls, ENF).verdict == "deny"
 
 
 def test_matched_refuses_naming_the_uncovered_destination() -> None:
@@ -197,7 +239,7 @@ def test_matched_refuses_naming_the_uncovered_destination() -> None:
     ev_json: Any = d.evidence
     assert ev_json["destinations"] == [
         {"address": "10.9.9.9:443", "dataplanes": ["web-1"], "connections": 2}]
-    assert any("no appendMatch covers: 10.9.9.9:443 (2)" in r for r in d.reasons)
+    assert any("destinations that would be cut: 10.9.9.9:443 (2)" in r for r in d.reasons)
 
 
 def test_matched_port_must_match() -> None:
@@ -208,7 +250,8 @@ def test_matched_port_must_match() -> None:
 def test_matched_unexplained_connections_are_not_assumed_harmless() -> None:
     # 5 connections in the window, only 3 seen at a destination.
     ev = Evidence("default", 900.0, (dp("web-1", conns=5),), (dest("web-1", "10.0.0.1:443", 3),))
-    d = decide(matched(Match("IP", "10.0.0.1", 443)), ev, ENF)
+    d = decide(matched(Match("IP", "10.0.0.1", 443, "tcp"), Match("IP", "10.0.0.1", 443, "tls")),
+               ev, ENF)
     assert d.verdict == "deny"
     assert any("did not observe" in r and "web-1 (2)" in r for r in d.reasons)
 
@@ -216,9 +259,9 @@ def test_matched_unexplained_connections_are_not_assumed_harmless() -> None:
 def test_matched_domain_cannot_be_proven() -> None:
     ev = Evidence("default", 900.0, (dp("web-1", conns=1),),
                   (dest("web-1", "93.184.216.34:443", 1),))
-    d = decide(matched(Match("Domain", "example.com", 443)), ev, ENF)
+    d = decide(matched(Match("Domain", "example.com", 443, "tls")), ev, ENF)
     assert d.verdict == "deny"
-    assert any("Domain example.com:443 cannot be proven" in w for w in d.warnings)
+    assert d.dataplanes and d.dataplanes[0]["unproven"][0]["address"] == "93.184.216.34:443"
 
 
 def test_disable_lists_the_destinations_that_would_be_cut() -> None:

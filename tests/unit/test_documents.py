@@ -43,8 +43,10 @@ def test_spec_wrapped_as_universal_defaults_to_matched() -> None:
     [spec] = load(own("meshpassthrough/spec.yaml"))
     r = parse_resource({"type": "MeshPassthrough", "name": "x", "mesh": "m", "spec": spec}, "d")
     assert not isinstance(r, str)
-    # passthroughMode unset: the CRD's default is Matched.
-    assert r.mode == "Matched" and len(r.matches) == 3
+    # passthroughMode unset: kept unset, for the version to decide (Matched
+    # from 2.10 and on Universal; the 2.8-2.9 CRD stored None).
+    assert r.mode is None and len(r.matches) == 3
+    assert r.policy().mode is None and not r.policy().kubernetes
     assert r.matches[1].value == "198.51.100.0/24"  # CIDR normalised
 
 
@@ -79,7 +81,8 @@ def test_kuma_spec_fixture_wrapped_as_universal_defaults_to_matched() -> None:
     [spec] = load(kuma("meshpassthrough/v2.14.3-valid.spec.input.yaml"))
     r = parse_resource({"type": "MeshPassthrough", "name": "x", "mesh": "m", "spec": spec}, "d")
     assert not isinstance(r, str)
-    assert r.mode == "Matched" and len(r.matches) == 6
+    # Unset: kept so, for the Kuma version to decide (Matched from 2.10).
+    assert r.mode is None and len(r.matches) == 6
     assert r.matches[2].value == "1.2.3.0/24"  # CIDR normalised
 
 

@@ -72,9 +72,19 @@ def test_overview_service_tags_gateway_and_online_rules() -> None:
     """dataplanes-overview.json: the old `service` tag, a DP without insight, a
     reconnected DP with two inbounds, one never connected, a builtin gateway."""
     dps = parse_fixture(own("api/dataplanes-overview.json"))
-    assert dps["api-1"] == DataplaneInfo(
+    api1 = dps["api-1"]
+    assert api1 == DataplaneInfo(
         mesh="payments", name="api-1", address="10.20.0.11", services=("api",),
-        tags={"service": "api", "team": "core"}, online=True)
+        tags={"service": "api", "team": "core"}, online=True, inbounds=api1.inbounds,
+        inbound_names=api1.inbound_names, inbound_ports=api1.inbound_ports)
+    assert api1.inbounds == ({"service": "api", "team": "core"},)
+    # Each inbound keeps its own tags: MeshSubset selects on any one of them.
+    assert dps["worker-1"].inbounds == ({"kuma.io/service": "worker", "version": "v2"},
+                                        {"kuma.io/service": "worker-metrics", "version": "v2"})
+    assert dps["worker-1"].inbound_ports == (9000, 9100)
+    assert dps["edge-gw"].gateway_type == "builtin"
+    # No transparentProxying in these items: unknown, the policy taken to apply.
+    assert api1.transparent is None
     assert dps["api-2"].online is False
     # Disconnected from cp-a, then connected to cp-b: online.
     assert dps["worker-1"].online is True
@@ -128,9 +138,14 @@ def test_kuma_insights_fixture_old_service_tag_gateways_and_offline() -> None:
     """meshes_mesh1_dataplanes_insights.json: `service` tag (pre-0.4 name), a DP
     without insight, a builtin and a delegated gateway."""
     dps = parse_fixture(kuma("api/meshes_mesh1_dataplanes_insights.json"))
-    assert dps["dp-1"] == DataplaneInfo(
+    dp1 = dps["dp-1"]
+    assert dp1 == DataplaneInfo(
         mesh="mesh1", name="dp-1", address="127.0.0.1", services=("backend",),
-        tags={"service": "backend", "tagcolumn": "tag:v", "version": "v1"}, online=True)
+        tags={"service": "backend", "tagcolumn": "tag:v", "version": "v1"}, online=True,
+        inbounds=({"service": "backend", "tagcolumn": "tag:v", "version": "v1"},),
+        inbound_names=(None,), inbound_ports=dp1.inbound_ports)
+    assert dps["gateway-builtin"].gateway_type == "builtin"
+    assert dps["gateway-delegated"].gateway_type == "delegated"
     assert dps["dp-no-insights"].online is False
     for gw in ("gateway-builtin", "gateway-delegated"):
         assert dps[gw].gateway and dps[gw].service == "gateway" and dps[gw].online is True

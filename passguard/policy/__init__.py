@@ -1,0 +1,1 @@
+"""Kuma's passthrough semantics as a pure model: no I/O, no aiohttp, no config."""
