@@ -169,7 +169,7 @@ def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> di
             await scraper.close()
             await sources.close()
         body, _ = service.check(docs, old_docs, snap, cfg.gate, sources.mesh_states(),
-                                time.time())
+                                time.time(), cfg.limits.documents.max_matches)
         return body
 
     return asyncio.run(once())

@@ -625,7 +625,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
     limits = defaults.limits
     lm = r.mapping(top.get("limits"), "limits",
                    {"max_body_bytes", "max_documents", "max_depth", "keepalive_timeout",
-                    "body_timeout", "max_nodes", "max_scalar_bytes", "max_connections"})
+                    "body_timeout", "max_nodes", "max_scalar_bytes", "max_connections",
+                    "max_matches"})
     if lm is not None and lm:
         body = r.size(lm["max_body_bytes"], "limits.max_body_bytes") \
             if "max_body_bytes" in lm else None
@@ -643,6 +644,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             if "max_scalar_bytes" in lm else None
         conns = r.integer(lm["max_connections"], "limits.max_connections", 4, 1_000_000) \
             if "max_connections" in lm else None
+        matches = r.integer(lm["max_matches"], "limits.max_matches", 1, 100_000) \
+            if "max_matches" in lm else None
         dl = limits.documents
         limits = LimitsConfig(
             max_body_bytes=body or limits.max_body_bytes,
@@ -652,7 +655,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
             documents=Limits(max_documents=docs or dl.max_documents,
                              max_depth=depth or dl.max_depth,
                              max_nodes=nodes or dl.max_nodes,
-                             max_scalar_bytes=scalar or dl.max_scalar_bytes),
+                             max_scalar_bytes=scalar or dl.max_scalar_bytes,
+                             max_matches=matches or dl.max_matches),
         )
 
     auth = _auth(top.get("auth"), base_dir, r)

@@ -36,6 +36,7 @@ BREAK_GLASS = "passguard.io/acknowledge-traffic"
 # Kinds whose documents hold other documents in ``items`` (kubectl reads any
 # object with items as a list: List, MeshList, MeshPassthroughList, ...).
 MAX_LIST_NESTING = 8
+DEFAULT_MAX_MATCHES = 1000  # limits.max_matches
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,10 @@ def _classify(doc: Any, label: str) -> tuple[str | None, str]:
                      "is set: not a Kuma resource")
 
 
-def _parse_matches(d: _Doc, path: str) -> tuple[Match, ...]:
+def _parse_matches(d: _Doc, path: str, limit: int) -> tuple[Match, ...]:
     items = d.get(path, list, [])
+    if len(items) > limit:
+        raise d.fail(path, f"has {len(items)} entries, over limits.max_matches ({limit})")
     out = []
     for i, item in enumerate(items):
         ipath = f"{path}[{i}]"
@@ -283,7 +286,8 @@ def _check_keys(doc: Any, label: str) -> None:
 
 
 def parse_resource(doc: Any, label: str, keys_checked: bool = False,
-                   namespace: str | None = None) -> Resource | str:
+                   namespace: str | None = None,
+                   max_matches: int = DEFAULT_MAX_MATCHES) -> Resource | str:
     """A Resource, or a description of an ignored document (a string).
     ``keys_checked``: ``doc`` is part of a document whose keys were checked
     (walking an AdmissionReview's objects again cost a tenth of a request).
@@ -323,7 +327,7 @@ def parse_resource(doc: Any, label: str, keys_checked: bool = False,
     if raw_mode is not None and raw_mode not in MODE_RANK:
         raise d.fail(f"{spec}.default.passthroughMode",
                      f"must be All, Matched or None, got {_show(raw_mode)}")
-    matches = _parse_matches(d, f"{spec}.default.appendMatch")
+    matches = _parse_matches(d, f"{spec}.default.appendMatch", max_matches)
     return Resource("MeshPassthrough", name, mesh, form, raw_mode,
                     matches, _parse_target_ref(d, f"{spec}.targetRef"), bg, digest(doc),
                     labels=labels)
@@ -370,7 +374,8 @@ def _list_items(doc: Any, depth: int) -> list[Any]:
     return [r for item in items for r in _list_items(item, depth + 1)]
 
 
-def parse_documents(docs: list[Any], old_docs: list[Any] | None = None) -> Parsed:
+def parse_documents(docs: list[Any], old_docs: list[Any] | None = None,
+                    max_matches: int = DEFAULT_MAX_MATCHES) -> Parsed:
     """Changes described by ``docs``; previous state from oldObject or ``old_docs``."""
     parsed = Parsed()
     for i, doc in enumerate(docs):
@@ -378,7 +383,7 @@ def parse_documents(docs: list[Any], old_docs: list[Any] | None = None) -> Parse
     old_index: dict[tuple[str, str, str], Resource] = {}
     olds = [item for od in old_docs or [] for item in _list_items(od, 0)]
     for i, od in enumerate(olds):
-        r = parse_resource(od, f"old document {i + 1}")
+        r = parse_resource(od, f"old document {i + 1}", max_matches=max_matches)
         if isinstance(r, Resource):
             old_index[r.ident] = r
     entries = _flatten(docs)
@@ -386,14 +391,16 @@ def parse_documents(docs: list[Any], old_docs: list[Any] | None = None) -> Parse
         raise InputError("no documents to check")
     for i, (obj, old_obj, has_old) in enumerate(entries):
         label = f"document {i + 1}"
-        new = parse_resource(obj, label, keys_checked=True) if obj is not None else None
+        new = parse_resource(obj, label, keys_checked=True, max_matches=max_matches) \
+            if obj is not None else None
         if isinstance(new, str):
             parsed.warnings.append(f"{label}: {new} is not a Mesh or MeshPassthrough: ignored")
             continue
         old: Resource | None = None
         source: OldSource = "assumed"
         if has_old and old_obj is not None:
-            o = parse_resource(old_obj, f"{label} oldObject", keys_checked=True)
+            o = parse_resource(old_obj, f"{label} oldObject", keys_checked=True,
+                               max_matches=max_matches)
             if isinstance(o, str):
                 raise InputError(f"{label}: oldObject is {o}, not the same kind as object")
             old, source = o, "document"

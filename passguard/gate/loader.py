@@ -127,6 +127,9 @@ class Limits:
     max_nodes: int = 100_000
     #: UTF-8 size of a single scalar (string, key, number literal).
     max_scalar_bytes: int = 256 * 1024
+    #: ``appendMatch`` entries of one MeshPassthrough: a judgement's cost grows
+    #: with them (each observed destination is looked up in their index).
+    max_matches: int = 1000
 
 
 #: libyaml's parser when PyYAML was built with it, else the pure-Python one.

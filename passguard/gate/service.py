@@ -6,13 +6,21 @@ pipeline gets the same answer from either.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from passguard.config import GateConfig
 from passguard.gate.decide import Decision, Evidence, decide_mesh, judge_mesh, overall
-from passguard.gate.documents import Change, Resource, parse_documents
+from passguard.gate.documents import (
+    DEFAULT_MAX_MATCHES,
+    Change,
+    Parsed,
+    Resource,
+    parse_documents,
+)
 from passguard.policy.model import MeshState
 from passguard.store.snapshot import Snapshot
 
@@ -53,11 +61,52 @@ def prepare(snapshot: Snapshot, mesh: str, states: States | None = None) -> None
 
 
 def check(docs: list[Any], old_docs: list[Any] | None, snapshot: Snapshot,
-          gate: GateConfig, states: States | None = None,
-          now: float | None = None) -> tuple[dict[str, Any], list[Decision]]:
+          gate: GateConfig, states: States | None = None, now: float | None = None,
+          max_matches: int = DEFAULT_MAX_MATCHES) -> tuple[dict[str, Any], list[Decision]]:
     """Raise InputError for documents that cannot be used; otherwise the decision body.
     The changes of one mesh are judged together: what they do at once."""
-    parsed = parse_documents(docs, old_docs)
+    return judge(parse_documents(docs, old_docs, max_matches), snapshot, gate, states, now)
+
+
+#: Above this ``cost``, a judgement runs in the gate's worker thread: the event
+#: loop keeps answering probes and small requests meanwhile (the GIL is handed
+#: over every few milliseconds). Below it, a thread hop would cost more than
+#: the work (a common request is about a mesh of tens of dataplanes).
+THREAD_COST = 20_000
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passguard-gate")
+
+
+async def check_async(docs: list[Any], snapshot: Snapshot, gate: GateConfig,
+                      states: States | None, now: float,
+                      max_matches: int = DEFAULT_MAX_MATCHES
+                      ) -> tuple[dict[str, Any], list[Decision]]:
+    """``check`` for the HTTP routes: parsed on the loop (bounded by the
+    loader's limits), judged in the worker thread when it may be large. One
+    worker: large judgements queue behind each other, never pile up threads."""
+    parsed = parse_documents(docs, None, max_matches)
+    if cost(parsed, snapshot) <= THREAD_COST:
+        return judge(parsed, snapshot, gate, states, now)
+    return await asyncio.get_running_loop().run_in_executor(
+        _WORKER, judge, parsed, snapshot, gate, states, now)
+
+
+def cost(parsed: Parsed, snapshot: Snapshot) -> int:
+    """A bound on a judgement's work: per mesh, its dataplanes and observed
+    destinations times the entries the request brings (each destination is
+    looked up in an index of them, each dataplane merges the policies)."""
+    by_mesh: dict[str, int] = {}
+    for ch in parsed.changes:
+        entries = sum(len(r.matches) for r in (ch.new, ch.old) if r is not None)
+        by_mesh[ch.resource.mesh] = by_mesh.get(ch.resource.mesh, 0) + 1 + entries
+    return sum(n * (len(snapshot.for_mesh(m)) + len(snapshot.destinations_of(m)))
+               for m, n in by_mesh.items())
+
+
+def judge(parsed: Parsed, snapshot: Snapshot, gate: GateConfig,
+          states: States | None = None,
+          now: float | None = None) -> tuple[dict[str, Any], list[Decision]]:
+    """The decision body for changes already parsed. Pure: safe in a thread
+    (the snapshot and states are immutable; the memo takes whole entries)."""
     by_mesh: dict[str, list[int]] = {}
     for i, change in enumerate(parsed.changes):
         by_mesh.setdefault(change.resource.mesh, []).append(i)

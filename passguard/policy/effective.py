@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 from passguard.policy.model import Match, MeshFlag, Policy, Proxy, Version
@@ -36,7 +36,7 @@ class Effective:
 
     @cached_property
     def reach(self) -> Reach:
-        return Reach(self.matches, self.version)
+        return reach_of(self.matches, self.version)
 
     def keeps(self, dest: Reached) -> str:
         """``kept``, ``cut`` or ``unproven`` for one observed destination."""
@@ -58,6 +58,14 @@ class Effective:
     def label(self) -> str:
         """For the decision JSON: ``All``, ``None`` or ``Matched``."""
         return {"off": "None", "all": "All", "matched": "Matched"}[self.mode]
+
+
+@lru_cache(maxsize=64)
+def reach_of(matches: tuple[Match, ...], version: Version | None) -> Reach:
+    """One index per merged entry set: every dataplane a policy set selects
+    alike shares it (a mesh-wide policy of 1,000 entries over 100 dataplanes
+    was indexed 100 times)."""
+    return Reach(matches, version)
 
 
 def default_mode(kubernetes: bool, version: Version | None) -> str:

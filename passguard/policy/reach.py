@@ -118,19 +118,38 @@ class Listener:
         for (port,), hosts in http_domains.items():
             chains.append(Chain(port, None, (), "raw", True, tuple(hosts)))
         self.chains = chains
+        # The index a lookup walks: port (None: no port) → prefix length,
+        # longest first → network address → chains; plus the chains with no
+        # address per port. A destination costs one probe per distinct prefix
+        # length of its port, whatever the number of entries.
+        self._bits = 32 if family == 4 else 128
+        self._by_port: dict[int | None, list[tuple[int, int, dict[int, list[Chain]]]]] = {}
+        self._anywhere: dict[int | None, list[Chain]] = {}
+        grouped: dict[int | None, dict[int, dict[int, list[Chain]]]] = {}
+        for c in chains:
+            if c.network is None:
+                self._anywhere.setdefault(c.port, []).append(c)
+            else:
+                nets = grouped.setdefault(c.port, {}).setdefault(c.network.prefixlen, {})
+                nets.setdefault(int(c.network.network_address), []).append(c)
+        for port, lengths in grouped.items():
+            self._by_port[port] = [(n, self._mask(n), lengths[n])
+                                   for n in sorted(lengths, reverse=True)]
+
+    def _mask(self, length: int) -> int:
+        return ((1 << length) - 1) << (self._bits - length) if length else 0
 
     def _candidates(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
                     port: int) -> list[Chain]:
         """The port, then the longest prefix holding ``ip`` (chains without an
         address only when no prefix holds it)."""
-        at_port = [c for c in self.chains if c.port == port] or \
-            [c for c in self.chains if c.port is None]
-        holding = [c for c in at_port if c.network is not None and ip in c.network]
-        if holding:
-            longest = max(c.network.prefixlen for c in holding if c.network is not None)
-            return [c for c in holding if c.network is not None
-                    and c.network.prefixlen == longest]
-        return [c for c in at_port if c.network is None]
+        key: int | None = port if port in self._by_port or port in self._anywhere else None
+        value = int(ip)
+        for _, mask, nets in self._by_port.get(key, ()):
+            hit = nets.get(value & mask)
+            if hit:
+                return hit
+        return self._anywhere.get(key, [])
 
     def reach(self, dest: Reached) -> Outcome:
         try:

@@ -92,6 +92,9 @@ LIST_ATTEMPTS = 3
 MESH_CONCURRENCY = 8
 _CHUNK = 64 * 1024
 _SERVICE_TAGS = ("kuma.io/service", "service")  # "service" before Kuma 0.4
+# appendMatch entries of one policy the CP lists: its own policies are not a
+# request's, but still bounded (a page is bounded by max_response_bytes too).
+CP_MAX_MATCHES = 100_000
 
 
 class KumaApiError(PassguardError):
@@ -313,7 +316,8 @@ def parse_policy_item(item: Any, where: str, mesh: str) -> Policy:
         raise KumaApiError(f"{where}.mesh is {doc.get('mesh')!r} in a listing of mesh {mesh!r}")
     try:
         res = parse_resource({"type": "MeshPassthrough", "mesh": mesh,
-                              **{k: v for k, v in doc.items() if k != "type"}}, where)
+                              **{k: v for k, v in doc.items() if k != "type"}}, where,
+                             max_matches=CP_MAX_MATCHES)
     except InputError as exc:
         raise KumaApiError(str(exc)) from None
     if not isinstance(res, Resource):  # pragma: no cover - the type is set above

@@ -243,8 +243,9 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
     says why: a gate that decides unrecorded cannot be reviewed afterwards.
     """
     daemon = request.app[DAEMON]
-    body, decisions = service.check(docs, None, _snapshot(request), daemon.config.gate,
-                                    daemon.mesh_states(), time.time())
+    body, decisions = await service.check_async(
+        docs, _snapshot(request), daemon.config.gate, daemon.mesh_states(), time.time(),
+        daemon.config.limits.documents.max_matches)
     entries = [AuditEntry(source=source, requester=requester, mesh=d.mesh, mode=d.mode,
                           verdict=d.verdict, reasons=d.reasons,
                           documents=[{"kind": d.kind, "name": d.name, "digest": d.digest}],

@@ -327,3 +327,26 @@ def test_decide_mesh_judges_changes_of_a_request_together() -> None:
                   time=1000.0)
     decisions = decide_mesh(parsed.changes, ev, ENFORCE)
     assert [d.verdict for d in decisions] == ["deny", "deny"]
+
+
+async def test_a_large_judgement_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above THREAD_COST the judgement runs in the gate's worker thread, so
+    the loop keeps answering probes (bench/worst_request.py measures it);
+    below, on the loop, where a thread hop would cost more than the work."""
+    import threading
+
+    threads: list[str] = []
+    real = service.judge
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(service, "judge", spy)
+    snap = Snapshot(1000.0, 900.0, 45.0, (evidence("api-1", conns=3),))
+    small, _ = await service.check_async([MESH_OFF], snap, GateConfig(), None, 1000.0)
+    monkeypatch.setattr(service, "THREAD_COST", 0)
+    large, _ = await service.check_async([MESH_OFF], snap, GateConfig(), None, 1000.0)
+    assert threads[0] == threading.current_thread().name
+    assert threads[1].startswith("passguard-gate")
+    assert small == large and large["verdict"] == "deny"

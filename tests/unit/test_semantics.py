@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from passguard.envoy.names import parse_route
 from passguard.policy.effective import effective
@@ -119,3 +121,56 @@ def test_versions() -> None:
     assert Version.parse("v2.10.0-rc.1") == Version(2, 10, 0)
     assert Version.parse("dev-abcdef") is None
     assert Version.parse(None) is None
+
+
+# --------------------------------------------------------------------------- the chain index
+
+_NETS = st.sampled_from(["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32",
+                         "10.1.2.0/28", "192.0.2.0/24", "0.0.0.0/0"])
+_ENTRIES = st.builds(
+    lambda net, port, proto: Match("CIDR" if not net.endswith("/32") else "IP",
+                                   net.removesuffix("/32"), port, proto),
+    _NETS, st.sampled_from([None, 80, 443]), st.sampled_from(["tcp", "tls", "http"]))
+
+
+def _naive(listener: Any, ip: str, port: int) -> list[Any]:
+    """Envoy's rule read literally: the port, then the longest prefix."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    at_port = [c for c in listener.chains if c.port == port] or \
+        [c for c in listener.chains if c.port is None]
+    holding = [c for c in at_port if c.network is not None and addr in c.network]
+    if holding:
+        longest = max(c.network.prefixlen for c in holding)
+        return [c for c in holding if c.network.prefixlen == longest]
+    return [c for c in at_port if c.network is None]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ENTRIES, max_size=12),
+       st.sampled_from(["10.1.2.3", "10.1.2.9", "10.9.9.9", "192.0.2.1", "8.8.8.8"]),
+       st.sampled_from([80, 443, 5432]))
+def test_the_chain_index_picks_what_envoys_rule_picks(entries: list[Match], ip: str,
+                                                     port: int) -> None:
+    import ipaddress
+
+    from passguard.policy.reach import Listener
+
+    listener = Listener(4, entries, Version(2, 14, 3))
+    got = listener._candidates(ipaddress.ip_address(ip), port)
+    assert sorted(map(repr, got)) == sorted(map(repr, _naive(listener, ip, port)))
+
+
+def test_a_policy_over_the_match_limit_is_refused_naming_it() -> None:
+    from passguard.errors import InputError
+    from passguard.gate.documents import parse_documents
+
+    doc = {"type": "MeshPassthrough", "name": "big", "mesh": "m", "spec": {"default": {
+        "passthroughMode": "Matched",
+        "appendMatch": [{"type": "IP", "value": f"10.0.{i // 250}.{i % 250}"}
+                        for i in range(1001)]}}}
+    with pytest.raises(InputError, match=r"appendMatch has 1001 entries, over "
+                                         r"limits\.max_matches \(1000\)"):
+        parse_documents([doc])
+    assert parse_documents([doc], max_matches=2000).changes
