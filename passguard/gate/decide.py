@@ -440,8 +440,13 @@ def _judge_mesh(changes: Sequence[Change], ev: Evidence) -> list[Judgement]:
     if ev.state is not None and ev.state_stale:
         reason = (f"the control plane's policies for mesh {ev.mesh!r} are stale: "
                   f"{ev.state_note}")
-        return [Judgement("stale", effect_words(c.resource, c.operation, False), (reason,),
-                          _empty(ev), []) for c in changes]
+        # Only a Mesh flag turned on is safe whatever the policies say (M2).
+        return [Judgement("clear", effect_words(c.resource, c.operation, False),
+                          ("does not reduce passthrough whatever the current policies",),
+                          _empty(ev), [])
+                if c.new is not None and c.new.kind == "Mesh" and c.new.mode != "None"
+                else Judgement("stale", effect_words(c.resource, c.operation, False), (reason,),
+                               _empty(ev), []) for c in changes]
     if ev.state is not None:
         targets = [d.target for d in ev.dataplanes]
         known = {p.key for p in ev.state.proxies}

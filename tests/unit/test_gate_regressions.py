@@ -350,3 +350,9 @@ async def test_a_large_judgement_runs_off_the_event_loop(monkeypatch: pytest.Mon
     assert threads[0] == threading.current_thread().name
     assert threads[1].startswith("passguard-gate")
     assert small == large and large["verdict"] == "deny"
+
+
+def test_a_mesh_flag_turned_on_is_safe_even_with_stale_policies() -> None:
+    st = state(proxies=PROXIES, as_of=100.0)
+    mesh_on = {"type": "Mesh", "name": MESH, "networking": {"outbound": {"passthrough": True}}}
+    assert check([mesh_on], st, (evidence("api-1", conns=3),))["verdict"] == "allow"
