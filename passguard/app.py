@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import resource
 import signal
@@ -104,6 +105,9 @@ class Daemon:
         self.config_path = config_path
         self.db, self.audit = _open_state(config.state_path)
         self.tokens = TokenStore(config.auth.tokens_file) if config.auth.tokens_file else None
+        # As the file says it: config.listen becomes the bound port when it is 0,
+        # and a reload is compared with the file, not with that.
+        self._file_listen = config.listen
         self.tls = CertReloader(config.auth.tls) if config.auth.tls else None
         self._background: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Future[str | None]] = set()
@@ -248,6 +252,12 @@ class Daemon:
                 if self.config_path is None:
                     raise ConfigError(["no config file to reload (started without -c)"])
                 new = config_mod.load(self.config_path)
+                problems = config_mod.restart_changes(
+                    replace(self.config, listen=self._file_listen), new)
+                if (problem := self._bound_auth_error(new)) is not None:
+                    problems.append(problem)
+                if problems:
+                    raise ConfigError(problems)
                 # A tokens file that does not parse refuses the whole reload.
                 tokens = TokenStore(new.auth.tokens_file) if new.auth.tokens_file else None
             except ConfigError as exc:
@@ -264,15 +274,30 @@ class Daemon:
                 self.notifier.ready()
             return None
 
+    def bound(self) -> list[tuple[str, int]]:
+        """The addresses the listening sockets hold (empty before start)."""
+        if self._listener is None:
+            return []
+        return [(str(a[0]), int(a[1])) for a in
+                (sock.getsockname() for sock in self._listener.sockets)]
+
+    def _bound_auth_error(self, new: Config) -> str | None:
+        """The auth rule, for ``new``'s auth, against the sockets actually
+        bound: a reload does not move them, so the file's address proves nothing."""
+        bound = self.bound()
+        if not bound:
+            listen = self.config.listen
+            problem = config_mod.auth_rule_error(str(listen), listen.is_loopback, new.auth)
+        else:
+            loopback = all(ipaddress.ip_address(host).is_loopback for host, _ in bound)
+            where = ", ".join(str(config_mod.Listen(host, port)) for host, port in bound)
+            problem = config_mod.auth_rule_error(where, loopback, new.auth)
+        return None if problem is None else f"auth: the running socket {problem}"
+
     async def _apply(self, new: Config) -> None:
         old = self.config
-        if new.listen != old.listen:
-            log.warning("listen changed from %s to %s: takes effect after a restart",
-                        old.listen, new.listen)
-            new = replace(new, listen=old.listen)
-        if new.state_path != old.state_path:
-            log.warning("state.path changed: takes effect after a restart")
-            new = replace(new, state_path=old.state_path)
+        # restart_changes() refused any other listen; this keeps the bound port.
+        new = replace(new, listen=old.listen)
         async with self._cycle_lock:
             if (new.scrape, new.passthrough_clusters) != (old.scrape, old.passthrough_clusters):
                 await self.scraper.close()
@@ -327,6 +352,9 @@ class Daemon:
         if listen.port == 0:  # tests ask for any free port: record the real one
             self.config = replace(self.config, listen=replace(
                 listen, port=self._listener.sockets[0].getsockname()[1]))
+        # The file's check saw a name; this sees what it resolved to.
+        if (problem := self._bound_auth_error(self.config)) is not None:
+            raise PassguardError(problem)
         log.info("listening on %s%s", "https://" if self.tls else "http://", self.config.listen)
         if (warning := fd_budget_warning(self.config)) is not None:
             log.warning("%s", warning)
