@@ -17,6 +17,7 @@ import logging
 import resource
 import signal
 import sqlite3
+import ssl
 import sys
 import time
 from dataclasses import replace
@@ -41,6 +42,7 @@ from passguard.store.persistence import StateDB
 from passguard.store.snapshot import Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
+from passguard.web import tls as tls_mod
 from passguard.web.auth import TokenStore
 from passguard.web.connections import ConnectionCap
 from passguard.web.listener import Listener
@@ -108,7 +110,6 @@ class Daemon:
         # As the file says it: config.listen becomes the bound port when it is 0,
         # and a reload is compared with the file, not with that.
         self._file_listen = config.listen
-        self.tls = CertReloader(config.auth.tls) if config.auth.tls else None
         self._background: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Future[str | None]] = set()
         self.store = Store(config.window, config.stale_after, self.db)
@@ -116,6 +117,10 @@ class Daemon:
         self.sources = SourceSet(config)
         self.metrics = Metrics(lambda: self.store.snapshot,
                                lambda: [*self.sources.sources, *self.sources.prometheus])
+        self.tls = CertReloader(config.auth.tls, self._use_tls,
+                                lambda ok: self.metrics.tls_reloads.labels(
+                                    "success" if ok else "failure").inc()) \
+            if config.auth.tls else None
         self.notifier = Notifier.from_env()
         self.scheduler: AsyncIOScheduler | None = None
         self.runner: web.AppRunner | None = None
@@ -260,6 +265,12 @@ class Daemon:
                     raise ConfigError(problems)
                 # A tokens file that does not parse refuses the whole reload.
                 tokens = TokenStore(new.auth.tokens_file) if new.auth.tokens_file else None
+                # New certificate settings must serve (a test handshake) before
+                # anything is applied; unchanged ones are left to the timer.
+                loaded = None
+                if self.tls is not None and new.auth.tls is not None \
+                        and new.auth.tls != self.tls.cfg:
+                    loaded = await asyncio.to_thread(tls_mod.load, new.auth.tls)
             except ConfigError as exc:
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload refused, keeping the running configuration: %s", exc)
@@ -268,6 +279,13 @@ class Daemon:
                 return str(exc)
             await self._apply(new)
             self.tokens = tokens
+            if self.tls is not None:
+                if loaded is not None:
+                    self.tls.use(loaded)
+                else:
+                    # A reload is when an operator expects rotated files to be
+                    # read; a broken pair is the timer's failure, not the config's.
+                    self.tls.settle(await asyncio.to_thread(self.tls.poll))
             self.metrics.reloads.labels("success").inc()
             log.info("configuration reloaded from %s", self.config_path)
             if announce:
@@ -293,6 +311,10 @@ class Daemon:
             where = ", ".join(str(config_mod.Listen(host, port)) for host, port in bound)
             problem = config_mod.auth_rule_error(where, loopback, new.auth)
         return None if problem is None else f"auth: the running socket {problem}"
+
+    def _use_tls(self, context: ssl.SSLContext) -> None:
+        if self._listener is not None:
+            self._listener.set_tls(context)
 
     async def _apply(self, new: Config) -> None:
         old = self.config

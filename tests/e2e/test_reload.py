@@ -168,3 +168,68 @@ async def test_tls_on_or_off_needs_a_restart(make_env: EnvFactory) -> None:
     error = await tls_env.daemon.reload()
     assert error is not None and error.startswith("auth.tls: turning TLS off")
     assert await tls_env.status("/-/healthy") == 200
+
+
+async def test_reload_with_new_tls_files(make_env: EnvFactory) -> None:
+    """New certificate settings are proven before the reload is accepted: a
+    missing file is refused naming its key, and the old certificate serves."""
+    env = await make_env(tls=True)
+    tls = env.raw["auth"]["tls"]
+    env.write(auth={**env.raw["auth"], "tls": {**tls, "cert_file": "missing.crt"}})
+    error = await env.daemon.reload()
+    assert error is not None and error.startswith("auth.tls.cert_file: cannot read")
+    assert await env.status("/-/healthy") == 200
+    # A valid new pair under new names is swapped in by the reload.
+    assert env.ca is not None
+    other = trustme.CA()
+    leaf = other.issue_cert("127.0.0.1")
+    leaf.private_key_pem.write_to_path(str(env.tmp / "new.key"))
+    leaf.cert_chain_pems[0].write_to_path(str(env.tmp / "new.crt"))
+    env.write(auth={**env.raw["auth"], "tls": {**tls, "cert_file": "new.crt",
+                                               "key_file": "new.key"}})
+    assert await env.daemon.reload() is None
+    assert await env.status("/-/healthy", ssl_ctx=env.client_ssl(other)) == 200
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await env.status("/-/healthy")
+    # Requiring client certificates takes effect on a reload too.
+    other.cert_pem.write_to_path(str(env.tmp / "client-ca.crt"))
+    env.write(auth={**env.raw["auth"], "tls": {**tls, "cert_file": "new.crt",
+                                               "key_file": "new.key",
+                                               "client_ca_file": "client-ca.crt"}})
+    assert await env.daemon.reload() is None
+    client = other.issue_cert("kube-apiserver")
+    assert await env.status("/-/healthy", ssl_ctx=env.client_ssl(other, client)) == 200
+    with pytest.raises(aiohttp.ClientError):
+        await env.status("/-/healthy", ssl_ctx=env.client_ssl(other))
+
+
+async def test_half_rotated_pair_keeps_serving(make_env: EnvFactory) -> None:
+    """Finding 5: new certificate with the old key. Loaded into the live
+    context it left the daemon unable to complete any handshake."""
+    env = await make_env(tls=True)
+    assert env.ca is not None and env.daemon.tls is not None
+    env.ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(env.tmp / "tls.crt"))
+    env.daemon.tls.check()
+    for _ in range(3):
+        assert await env.status("/-/healthy") == 200
+    assert env.metric("failure", "passguard_tls_certificate_reloads_total") == 1
+    # A reload reads the files too, and does not fail the config for them.
+    assert await env.daemon.reload() is None
+    assert await env.status("/-/healthy") == 200
+
+
+async def test_replaced_client_ca_is_no_longer_trusted(make_env: EnvFactory) -> None:
+    """Finding 5: load_verify_locations added the new CA to the live trust
+    store, so clients of the replaced CA were still let in."""
+    env = await make_env(tls=True, client_ca=True)
+    assert env.ca is not None and env.daemon.tls is not None
+    old_client = env.ca.issue_cert("old-client")
+    assert await env.status("/-/healthy", ssl_ctx=env.client_ssl(client=old_client)) == 200
+    new_ca = trustme.CA()
+    new_ca.cert_pem.write_to_path(str(env.tmp / "client-ca.crt"))
+    env.daemon.tls.check()
+    new_client = new_ca.issue_cert("new-client")
+    assert await env.status("/-/healthy", ssl_ctx=env.client_ssl(client=new_client)) == 200
+    with pytest.raises(aiohttp.ClientError):
+        await env.status("/-/healthy", ssl_ctx=env.client_ssl(client=old_client))
+    assert env.metric("success", "passguard_tls_certificate_reloads_total") == 1
