@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import resource
 import signal
 import sqlite3
+import ssl
 import sys
 import time
 from dataclasses import replace
@@ -40,6 +42,7 @@ from passguard.store.persistence import StateDB
 from passguard.store.snapshot import Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
+from passguard.web import tls as tls_mod
 from passguard.web.auth import TokenStore
 from passguard.web.connections import ConnectionCap
 from passguard.web.listener import Listener
@@ -104,7 +107,9 @@ class Daemon:
         self.config_path = config_path
         self.db, self.audit = _open_state(config.state_path)
         self.tokens = TokenStore(config.auth.tokens_file) if config.auth.tokens_file else None
-        self.tls = CertReloader(config.auth.tls) if config.auth.tls else None
+        # As the file says it: config.listen becomes the bound port when it is 0,
+        # and a reload is compared with the file, not with that.
+        self._file_listen = config.listen
         self._background: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Future[str | None]] = set()
         self.store = Store(config.window, config.stale_after, self.db)
@@ -112,6 +117,10 @@ class Daemon:
         self.sources = SourceSet(config)
         self.metrics = Metrics(lambda: self.store.snapshot,
                                lambda: [*self.sources.sources, *self.sources.prometheus])
+        self.tls = CertReloader(config.auth.tls, self._use_tls,
+                                lambda ok: self.metrics.tls_reloads.labels(
+                                    "success" if ok else "failure").inc()) \
+            if config.auth.tls else None
         self.notifier = Notifier.from_env()
         self.scheduler: AsyncIOScheduler | None = None
         self.runner: web.AppRunner | None = None
@@ -248,8 +257,20 @@ class Daemon:
                 if self.config_path is None:
                     raise ConfigError(["no config file to reload (started without -c)"])
                 new = config_mod.load(self.config_path)
+                problems = config_mod.restart_changes(
+                    replace(self.config, listen=self._file_listen), new)
+                if (problem := self._bound_auth_error(new)) is not None:
+                    problems.append(problem)
+                if problems:
+                    raise ConfigError(problems)
                 # A tokens file that does not parse refuses the whole reload.
                 tokens = TokenStore(new.auth.tokens_file) if new.auth.tokens_file else None
+                # New certificate settings must serve (a test handshake) before
+                # anything is applied; unchanged ones are left to the timer.
+                loaded = None
+                if self.tls is not None and new.auth.tls is not None \
+                        and new.auth.tls != self.tls.cfg:
+                    loaded = await asyncio.to_thread(tls_mod.load, new.auth.tls)
             except ConfigError as exc:
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload refused, keeping the running configuration: %s", exc)
@@ -258,21 +279,47 @@ class Daemon:
                 return str(exc)
             await self._apply(new)
             self.tokens = tokens
+            if self.tls is not None:
+                if loaded is not None:
+                    self.tls.use(loaded)
+                else:
+                    # A reload is when an operator expects rotated files to be
+                    # read; a broken pair is the timer's failure, not the config's.
+                    self.tls.settle(await asyncio.to_thread(self.tls.poll))
             self.metrics.reloads.labels("success").inc()
             log.info("configuration reloaded from %s", self.config_path)
             if announce:
                 self.notifier.ready()
             return None
 
+    def bound(self) -> list[tuple[str, int]]:
+        """The addresses the listening sockets hold (empty before start)."""
+        if self._listener is None:
+            return []
+        return [(str(a[0]), int(a[1])) for a in
+                (sock.getsockname() for sock in self._listener.sockets)]
+
+    def _bound_auth_error(self, new: Config) -> str | None:
+        """The auth rule, for ``new``'s auth, against the sockets actually
+        bound: a reload does not move them, so the file's address proves nothing."""
+        bound = self.bound()
+        if not bound:
+            listen = self.config.listen
+            problem = config_mod.auth_rule_error(str(listen), listen.is_loopback, new.auth)
+        else:
+            loopback = all(ipaddress.ip_address(host).is_loopback for host, _ in bound)
+            where = ", ".join(str(config_mod.Listen(host, port)) for host, port in bound)
+            problem = config_mod.auth_rule_error(where, loopback, new.auth)
+        return None if problem is None else f"auth: the running socket {problem}"
+
+    def _use_tls(self, context: ssl.SSLContext) -> None:
+        if self._listener is not None:
+            self._listener.set_tls(context)
+
     async def _apply(self, new: Config) -> None:
         old = self.config
-        if new.listen != old.listen:
-            log.warning("listen changed from %s to %s: takes effect after a restart",
-                        old.listen, new.listen)
-            new = replace(new, listen=old.listen)
-        if new.state_path != old.state_path:
-            log.warning("state.path changed: takes effect after a restart")
-            new = replace(new, state_path=old.state_path)
+        # restart_changes() refused any other listen; this keeps the bound port.
+        new = replace(new, listen=old.listen)
         async with self._cycle_lock:
             if (new.scrape, new.passthrough_clusters) != (old.scrape, old.passthrough_clusters):
                 await self.scraper.close()
@@ -327,6 +374,9 @@ class Daemon:
         if listen.port == 0:  # tests ask for any free port: record the real one
             self.config = replace(self.config, listen=replace(
                 listen, port=self._listener.sockets[0].getsockname()[1]))
+        # The file's check saw a name; this sees what it resolved to.
+        if (problem := self._bound_auth_error(self.config)) is not None:
+            raise PassguardError(problem)
         log.info("listening on %s%s", "https://" if self.tls else "http://", self.config.listen)
         if (warning := fd_budget_warning(self.config)) is not None:
             log.warning("%s", warning)

@@ -660,11 +660,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
         )
 
     auth = _auth(top.get("auth"), base_dir, r)
-    if not listen.is_loopback and not auth.configured and not auth.insecure:
-        errors.add("listen", f"{listen} is not a loopback address and no authentication is "
-                             "configured (auth.tokens_file or auth.tls.client_ca_file); bind "
-                             "127.0.0.1, or set auth.insecure: true to expose the gate without "
-                             "authentication on purpose")
+    if (problem := auth_rule_error(str(listen), listen.is_loopback, auth)) is not None:
+        errors.add("listen", problem)
 
     audit = defaults.audit
     ad = r.mapping(top.get("audit"), "audit", {"retention"})
@@ -831,6 +828,36 @@ def _auth(raw: Any, base_dir: Path, r: _Reader) -> AuthConfig:
     insecure = r.boolean(au["insecure"], "auth.insecure") if "insecure" in au else False
     return AuthConfig(tokens_file=tokens, tls=tls, protect_metrics=bool(protect),
                       insecure=bool(insecure))
+
+
+def auth_rule_error(address: str, loopback: bool, auth: AuthConfig) -> str | None:
+    """Why serving on ``address`` with ``auth`` is refused, or None. Checked
+    against the file at load and against the sockets actually bound at start
+    and reload: a reload cannot move a socket, so the file's address alone
+    could let a reload drop the authentication of a public socket."""
+    if loopback or auth.configured or auth.insecure:
+        return None
+    return (f"{address} is not a loopback address and no authentication is configured "
+            "(auth.tokens_file or auth.tls.client_ca_file); bind 127.0.0.1, or set "
+            "auth.insecure: true to expose the gate without authentication on purpose")
+
+
+def restart_changes(old: Config, new: Config) -> list[str]:
+    """The settings ``new`` changes that only a restart can apply, each as a
+    message naming its key: a reload that changes one is refused, since
+    accepting it would report a configuration that is not the one running."""
+    problems: list[str] = []
+    if new.listen != old.listen:
+        problems.append(f"listen: changed from {old.listen} to {new.listen}; the socket is "
+                        "bound at start: restart passguard to apply it")
+    if new.state_path != old.state_path:
+        problems.append(f"state.path: changed from {old.state_path} to {new.state_path}; "
+                        "the database is opened at start: restart passguard to apply it")
+    if (old.auth.tls is None) != (new.auth.tls is None):
+        turned = "on" if new.auth.tls is not None else "off"
+        problems.append(f"auth.tls: turning TLS {turned} changes how the socket is served: "
+                        "restart passguard to apply it")
+    return problems
 
 
 def load(path: str | Path) -> Config:

@@ -81,6 +81,13 @@ class Metrics:
                                ["outcome"], registry=self.registry)
         for outcome in ("success", "failure"):
             self.reloads.labels(outcome)
+        # A failed certificate rotation keeps the old one serving until it expires.
+        self.tls_reloads = Counter("passguard_tls_certificate_reloads",
+                                   "Serving certificate changes: swapped in, or refused "
+                                   "with the previous one kept", ["outcome"],
+                                   registry=self.registry)
+        for outcome in ("success", "failure"):
+            self.tls_reloads.labels(outcome)
         self.cycle_seconds = Gauge("passguard_scrape_cycle_duration_seconds",
                                    "Wall time of the last complete scrape cycle, "
                                    "scrape.spread included",

@@ -103,6 +103,11 @@ class Listener:
         return cls(cap, sockets, backlog=backlog, tls=tls,
                    tls_handshake_timeout=tls_handshake_timeout)
 
+    def set_tls(self, tls: ssl_mod.SSLContext) -> None:
+        """Handshakes from now on use ``tls`` (a reloaded certificate);
+        connections already open keep the context they started with."""
+        self._tls = tls
+
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(self._batch):
             try:

@@ -126,6 +126,29 @@ def test_insecure_allows_public_bind(tmp_path: Path) -> None:
     assert config.load(p).listen.port == 9110
 
 
+def test_restart_changes_name_their_keys(tmp_path: Path) -> None:
+    """What a reload cannot apply (the socket, the database, TLS on/off)."""
+    old = config.build({"listen": "127.0.0.1:9110"}, tmp_path)
+    same = config.build({"listen": "127.0.0.1:9110", "window": "5m"}, tmp_path)
+    assert config.restart_changes(old, same) == []
+    tls = {"cert_file": "t.crt", "key_file": "t.key"}
+    new = config.build({"listen": "localhost:9110", "state": {"path": "x.db"},
+                        "auth": {"tls": tls}}, tmp_path)
+    problems = config.restart_changes(old, new)
+    assert [p.split(":", 1)[0] for p in problems] == ["listen", "state.path", "auth.tls"]
+    assert all("restart passguard" in p for p in problems)
+    assert "turning TLS off" in config.restart_changes(new, old)[2]
+
+
+def test_auth_rule() -> None:
+    none, tokens = config.AuthConfig(), config.AuthConfig(tokens_file=Path("t.yaml"))
+    assert config.auth_rule_error("127.0.0.1:1", True, none) is None
+    assert config.auth_rule_error("0.0.0.0:1", False, tokens) is None
+    assert config.auth_rule_error("0.0.0.0:1", False, config.AuthConfig(insecure=True)) is None
+    problem = config.auth_rule_error("0.0.0.0:1", False, none)
+    assert problem is not None and "auth.insecure: true" in problem
+
+
 def test_durations() -> None:
     assert config.parse_duration("500ms") == 0.5
     assert config.parse_duration("15m") == 900
