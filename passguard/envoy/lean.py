@@ -51,14 +51,16 @@ Kind = Literal["malformed", "truncated", "too_large", "announced", "status", "cl
 class AnswerError(ScrapeError):
     """An answer that is not a usable 200: ``kind`` says how, ``message(path)`` says it."""
 
-    def __init__(self, kind: Kind, detail: str, limit: int = 0) -> None:
-        super().__init__(_MESSAGES[kind].format(path="the admin", detail=detail, limit=limit))
+    def __init__(self, kind: Kind, detail: str, limit: int = 0, note: str = "") -> None:
         self.kind: Kind = kind
         self.detail = detail
         self.limit = limit
+        self.note = note
+        super().__init__(self.message("the admin"))
 
     def message(self, path: str) -> str:
-        return _MESSAGES[self.kind].format(path=path, detail=self.detail, limit=self.limit)
+        return _MESSAGES[self.kind].format(path=path, detail=self.detail, limit=self.limit,
+                                           note=self.note)
 
 
 # The wording of AdminClient's errors, so operators (and the faults suite) read
@@ -68,7 +70,7 @@ _MESSAGES: dict[str, str] = {
     "truncated": "truncated or malformed body from {path}: {detail}",
     "too_large": "{path} sent more than {limit} bytes",
     "announced": "{path} announced {detail}, over the {limit}-byte limit",
-    "status": "HTTP {detail} from {path}",
+    "status": "HTTP {detail} from {path} ({note} not read)",
     "closed": "the proxy closed the connection without answering {path}",
     "budget": "{path}: the answers being read hold {detail} bytes already, the {limit}-byte "
               "budget (scrape.max_buffered_bytes)",
@@ -237,7 +239,7 @@ class ResponseParser:
         if status != 200:
             size = (f"{length}-byte body" if length is not None
                     else "chunked body" if self.chunked else "body until close")
-            raise AnswerError("status", f"{status} ({size} not read)")
+            raise AnswerError("status", str(status), note=size)
         if encoding in (None, b"identity"):
             self.encoding = None
         elif encoding in (b"gzip", b"x-gzip"):
