@@ -39,9 +39,9 @@ class Recorder:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_GET = do_POST = _any  # noqa: N815 - http.server's names
+            do_GET = do_POST = _any  # http.server dispatches on these names
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
