@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -19,11 +20,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from email.message import Message
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from passguard import __version__
 from passguard import config as config_mod
+from passguard.envoy.excerpt import for_log
 from passguard.errors import ConfigError, InputError, PassguardError
 from passguard.gate import service
 from passguard.gate.documents import parse_resource
@@ -74,19 +77,60 @@ def _server(args: argparse.Namespace) -> str:
     return (args.server or os.environ.get("PASSGUARD_SERVER") or DEFAULT_SERVER).rstrip("/")
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are errors: followed, the request (and its bearer token)
+    would go to whichever host the Location names, not the one the user gave."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int,
+                         msg: str, headers: Message, newurl: str) -> urllib.request.Request | None:
+        fp.close()
+        raise CliError(f"{req.full_url}: HTTP {code} redirects to {for_log(newurl, 200)}; "
+                       "passguard does not follow redirects (the token must only go to the "
+                       "server given): use that URL as --server / PASSGUARD_SERVER if you "
+                       "trust it")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _opener(url: str, token: str | None) -> urllib.request.OpenerDirector:
+    """The server is the only host that sees a request: no redirect is
+    followed, and a token for a plain-HTTP server does not go through an
+    HTTP proxy from the environment (the proxy would read it; over https a
+    proxy only tunnels the encrypted stream)."""
+    parts = urllib.parse.urlsplit(url)
+    if token and parts.scheme == "http":
+        if not _is_loopback(parts.hostname or ""):
+            sys.stderr.write(f"passguard: warning: PASSGUARD_TOKEN is sent over plain HTTP to "
+                             f"{parts.hostname}: anyone on the network path can read it; use "
+                             "https://\n")
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+    return urllib.request.build_opener(_NoRedirect)
+
+
 def http(method: str, url: str, body: bytes | None = None,
          content_type: str = "application/json", timeout: float = 30.0) -> tuple[int, Any]:
     headers = {"Accept": "application/json", "User-Agent": f"passguard-cli/{__version__}"}
     if body is not None:
         headers["Content-Type"] = content_type
-    token = os.environ.get("PASSGUARD_TOKEN")
+    token = (os.environ.get("PASSGUARD_TOKEN") or "").strip() or None
     if token:
-        headers["Authorization"] = f"Bearer {token.strip()}"
+        headers["Authorization"] = f"Bearer {token}"
     if not url.startswith(("http://", "https://")):
         raise CliError(f"server URL must start with http:// or https://, got {url!r}")
+    if "@" in url.split("//", 1)[1].split("/", 1)[0]:
+        # Never echoed: the user information is likely a password.
+        raise CliError("server URL must not carry user information (user:password@); "
+                       "set PASSGUARD_TOKEN for a token")
     req = urllib.request.Request(url, data=body, method=method, headers=headers)  # noqa: S310
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+        with _opener(url, token).open(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read()
@@ -97,7 +141,7 @@ def http(method: str, url: str, body: bytes | None = None,
         data = json.loads(raw) if raw else None
     except ValueError:
         data = None
-    if status >= 400:
+    if status >= 300:  # a 3xx here is a redirect without a Location
         detail = data.get("error") if isinstance(data, dict) else raw[:200].decode(errors="replace")
         hint = " (set PASSGUARD_TOKEN)" if status in (401, 403) else ""
         raise CliError(f"{url}: HTTP {status}: {detail}{hint}")

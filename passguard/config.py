@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, stats_filter
 from passguard.errors import ConfigError, InputError
 from passguard.gate.loader import Limits, load_documents
-from passguard.sources.kuma import KumaSourceConfig
+from passguard.sources.kuma import KumaSourceConfig, Network
 from passguard.sources.prometheus import (
     PrometheusLabels,
     PrometheusSourceConfig,
@@ -406,8 +406,25 @@ def _check_clusters_pattern(pattern: str) -> str | None:
     return None
 
 
+def userinfo_problem(url: str, hint: str) -> str | None:
+    """Why a URL with user information (``http://user:pass@host``) is refused,
+    or None. A URL is not a secret: it is a label in /metrics and a word in
+    log lines and errors, so a password in it would be published. The
+    message does not repeat the URL, for the same reason."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        netloc = url.split("//", 1)[-1].split("/", 1)[0]
+    if "@" not in netloc:
+        return None
+    return (f"must not carry user information (user:password@ before the host): URLs are "
+            f"shown in /metrics labels and in logs; {hint}")
+
+
 def validate_target_url(url: str) -> str | None:
     """Return why a target URL is unusable, or None when it is fine."""
+    if problem := userinfo_problem(url, "Envoy's admin takes no credentials"):
+        return problem
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. "http://[::1" (an unclosed IPv6 literal)
@@ -704,12 +721,14 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
                  r: _Reader) -> KumaSourceConfig | None:
     m = r.mapping(src, spath, {"kind", "url", "token_file", "ca_file", "insecure_skip_verify",
                                "meshes", "discovery_interval", "stats", "timeout", "page_size",
-                               "max_response_bytes", "stale_after"})
+                               "max_response_bytes", "stale_after", "allowed_cidrs"})
     if m is None:
         return None
     before = len(r.errors.items)
     url = r.string(m.get("url"), f"{spath}.url")
-    if url is not None and not _is_api_url(url):
+    if url is not None and (problem := userinfo_problem(url, "put the token in token_file")):
+        r.errors.add(f"{spath}.url", problem)
+    elif url is not None and not _is_api_url(url):
         r.errors.add(f"{spath}.url", f"{_excerpt(url)} must be http(s)://host[:port][/prefix] "
                                      "(the Kuma API, e.g. https://kuma-control-plane:5682)")
     token = _path(m["token_file"], f"{spath}.token_file", base_dir, r) \
@@ -731,6 +750,13 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
     if stale is not None and stale < (interval or 30.0):
         r.errors.add(f"{spath}.stale_after", f"must be at least discovery_interval "
                                              f"({format_duration(interval or 30.0)})")
+    cidrs = _cidrs(m["allowed_cidrs"], f"{spath}.allowed_cidrs", r) \
+        if "allowed_cidrs" in m else None
+    if cidrs is not None and stats == "inspect":
+        # Inspect mode reads the CP, never a dataplane's address: a setting
+        # that would do nothing is refused rather than ignored.
+        r.errors.add(f"{spath}.allowed_cidrs", "applies to stats: kuma-dp only (the addresses "
+                                               "of the dataplanes' metrics endpoints)")
     if len(r.errors.items) != before or url is None:
         return None
     return KumaSourceConfig(url=url.rstrip("/"), token_file=str(token) if token else None,
@@ -739,7 +765,27 @@ def _kuma_source(src: dict[str, Any], spath: str, base_dir: Path,
                             stats=stats or "inspect",  # type: ignore[arg-type]
                             timeout=timeout or 10.0, page_size=page or 100,
                             max_response_bytes=page_bytes or KumaSourceConfig.max_response_bytes,
-                            stale_after=stale)
+                            stale_after=stale, allowed_cidrs=cidrs)
+
+
+def _cidrs(value: Any, path: str, r: _Reader) -> tuple[Network, ...] | None:
+    """``allowed_cidrs``: a non-empty list of networks (``10.0.0.0/8``, ``fd00::/8``)."""
+    if not isinstance(value, list) or not value:
+        r.errors.add(path, f"must be a non-empty list of CIDRs like '10.0.0.0/8' (leave it out "
+                           f"to allow any IP address), got {_type_name(value)}")
+        return None
+    out: list[Network] = []
+    for i, item in enumerate(value):
+        ipath = f"{path}[{i}]"
+        if not isinstance(item, str):
+            r.errors.add(ipath, f"must be a CIDR string like '10.0.0.0/8', got "
+                                f"{_type_name(item)}")
+            continue
+        try:
+            out.append(ipaddress.ip_network(item.strip(), strict=True))
+        except ValueError as exc:
+            r.errors.add(ipath, f"{_excerpt(item)} is not a CIDR: {exc}")
+    return tuple(out) if len(out) == len(value) else None
 
 
 def _prometheus_source(src: dict[str, Any], spath: str, base_dir: Path,
@@ -752,7 +798,10 @@ def _prometheus_source(src: dict[str, Any], spath: str, base_dir: Path,
         return None
     before = len(r.errors.items)
     url = r.string(m.get("url"), f"{spath}.url")
-    if url is not None and not _is_api_url(url):
+    if url is not None and (problem := userinfo_problem(
+            url, "use username and password_file, or token_file")):
+        r.errors.add(f"{spath}.url", problem)
+    elif url is not None and not _is_api_url(url):
         r.errors.add(f"{spath}.url", f"{_excerpt(url)} must be http(s)://host[:port][/prefix]"
                                      " (the Prometheus API)")
     labels = PrometheusLabels()

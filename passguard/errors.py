@@ -23,4 +23,13 @@ class ConfigError(PassguardError):
 
 
 class ScrapeError(PassguardError):
-    """A target could not be scraped or did not answer like Envoy."""
+    """A target could not be scraped or did not answer like Envoy.
+
+    The message says what failed (a status, a size, a parse error) and never
+    quotes the answer: it is shown by the API, the status page and the gate's
+    reasons. ``answer`` keeps the start of the answer for the log only
+    (``passguard.envoy.excerpt.for_log``)."""
+
+    def __init__(self, message: str, answer: str | bytes | None = None) -> None:
+        super().__init__(message)
+        self.answer = answer

@@ -2,12 +2,20 @@
 
 A failed probe is a result, not an exception (the blackbox_exporter rule): the
 cycle always returns one result per target, and one slow proxy costs at most
-``scrape.timeout`` of its own slot while the others go on.
+``scrape.timeout`` of its own slot while the others go on. That holds for any
+exception, not only the expected ScrapeError: one target's bad address (a
+Dataplane object is data from the control plane) or a parser bug fails that
+target with the reason, and the cycle goes on.
+
+A result's ``error`` is shown by the API, the status page and the gate's
+reasons, so it says what failed and never carries the answer's bytes; those
+go to the log, cut and escaped (``passguard.envoy.excerpt``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -16,12 +24,15 @@ from ssl import SSLContext
 from passguard.config import Config
 from passguard.envoy.admin import AdminClient
 from passguard.envoy.clusters import ClustersParser, Destination
+from passguard.envoy.excerpt import for_log
 from passguard.envoy.names import stats_filter
 from passguard.envoy.promtext import PromStatsParser
 from passguard.envoy.stats import StatsParser, StatsReading
 from passguard.errors import ScrapeError
 from passguard.pacing import paced
 from passguard.targets import Target
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +45,9 @@ class Request:
     format: str  # "envoy" | "prometheus"
     clusters_path: str | None
     ssl: SSLContext | None = None
+    # Why this target must not be read at all (a kuma-dp address that is not
+    # an allowed IP literal): the target fails with it, and nothing is sent.
+    invalid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +69,21 @@ class Scraper:
         self.clusters = ClustersParser(cfg.passthrough_clusters)
         self.prom_parser = PromStatsParser(cfg.passthrough_clusters, cfg.outbound_port)
         self._slots = asyncio.Semaphore(cfg.scrape.concurrency)
+        # Target key -> its last logged failure (see _note).
+        self._failing: dict[str, str] = {}
 
     async def scrape(self, target: Target, req: Request | None = None) -> ScrapeResult:
+        if req is not None and req.invalid is not None:
+            self._note(target, req.invalid)
+            return ScrapeResult(target, time.time(), 0.0, None, req.invalid)
         async with self._slots:
             start = time.monotonic()
+            reading: StatsReading | None = None
             try:
                 if req is None:
                     # Direct Envoy admin: the server-side filter keeps it tiny.
                     text = await self.client.get(target.url, "/stats", self.params, self.timeout)
-                    reading: StatsReading | None = self.parser.parse(text)
+                    reading = self.parser.parse(text)
                 else:
                     # Through the Kuma CP (no filter there) or kuma-dp's metrics.
                     text = await self.client.get(req.base, req.path, None, self.timeout,
@@ -72,13 +92,33 @@ class Scraper:
                     reading = parser.parse(text)
                 error = None
             except ScrapeError as exc:
-                reading, error = None, str(exc)
+                error = str(exc)
+                self._note(target, error, exc.answer)
+            except Exception as exc:  # isolation is the point
+                error = _internal(exc)
+                _log_unexpected(f"scrape of {target.key}", exc)
+            else:
+                self._failing.pop(target.key, None)
             duration = time.monotonic() - start
             return ScrapeResult(target, time.time(), duration, reading, error)
+
+    def _note(self, target: Target, error: str, answer: str | bytes | None = None) -> None:
+        """Log a target's failure: at WARNING when it is new or changed (with
+        the start of the answer, escaped), at DEBUG while it repeats, so a
+        proxy that stays broken does not fill the journal."""
+        level = logging.DEBUG if self._failing.get(target.key) == error else logging.WARNING
+        self._failing[target.key] = error
+        if answer is not None and len(answer):
+            log.log(level, "scrape of %s failed: %s; the answer starts: %s", target.key,
+                    error, for_log(answer))
+        else:
+            log.log(level, "scrape of %s failed: %s", target.key, error)
 
     async def read_clusters(self, target: Target, req: Request | None = None
                             ) -> tuple[Target, float, list[Destination] | None, str | None]:
         """One ``/clusters`` read: the destinations of the passthrough clusters."""
+        if req is not None and req.invalid is not None:
+            return target, time.time(), None, req.invalid
         async with self._slots:
             try:
                 if req is None:
@@ -90,7 +130,13 @@ class Scraper:
                                                  req.headers, req.ssl)
                 return target, time.time(), self.clusters.parse(text), None
             except ScrapeError as exc:
+                if exc.answer is not None and len(exc.answer):
+                    log.debug("/clusters of %s: %s; the answer starts: %s", target.key, exc,
+                              for_log(exc.answer))
                 return target, time.time(), None, str(exc)
+            except Exception as exc:  # one target, never the pass
+                _log_unexpected(f"/clusters of {target.key}", exc)
+                return target, time.time(), None, _internal(exc)
 
     async def cycle(self, targets: list[Target],
                     request_for: Callable[[Target], Request | None] | None = None,
@@ -101,12 +147,20 @@ class Scraper:
         ``on_result`` sees each result as soon as its scrape ends."""
 
         async def one(t: Target) -> ScrapeResult:
-            result = await self.scrape(t, request_for(t) if request_for else None)
+            try:
+                req = request_for(t) if request_for else None
+            except Exception as exc:  # one target, never the cycle
+                _log_unexpected(f"reading {t.key}", exc)
+                req = Request("", "", {}, "envoy", None, invalid=_internal(exc))
+            result = await self.scrape(t, req)
             if on_result is not None:
                 on_result(result)
             return result
 
         online = [t for t in targets if not t.offline]
+        keys = {t.key for t in online}
+        # Targets gone from the list are forgotten, so the memory is bounded.
+        self._failing = {k: v for k, v in self._failing.items() if k in keys}
         return await paced(online, spread, one)
 
     async def clusters_pass(self, targets: list[Target],
@@ -121,10 +175,29 @@ class Scraper:
                                               str | None]]:
             if on_start is not None:
                 on_start(t)
-            return self.read_clusters(t, request_for(t))
+            try:
+                req = request_for(t)
+            except Exception as exc:  # one target, never the pass
+                _log_unexpected(f"reading {t.key}", exc)
+                req = Request("", "", {}, "envoy", None, invalid=_internal(exc))
+            return self.read_clusters(t, req)
 
         online = [t for t in targets if not t.offline]
         return await paced(online, spread, one)
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _internal(exc: BaseException) -> str:
+    """The reason shown for an unexpected exception: its kind only. Its text
+    may quote what the target sent (a parser's ValueError), so the details
+    are in the log line that goes with it."""
+    return f"internal error while reading this target ({type(exc).__name__}; details in the log)"
+
+
+def _log_unexpected(what: str, exc: BaseException) -> None:
+    # The message escaped and cut like an answer (it may quote one); the
+    # traceback, which repeats it raw, only for someone debugging.
+    log.error("%s failed unexpectedly: %s", what, for_log(f"{type(exc).__name__}: {exc}"))
+    log.debug("%s: traceback", what, exc_info=exc)

@@ -11,6 +11,7 @@ sending up to ``max_response_bytes`` would otherwise be 256 x 64 MiB.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from ssl import SSLContext
 from urllib.parse import urlsplit
@@ -57,7 +58,10 @@ class AdminClient:
                   timeout: float = 5.0, headers: Mapping[str, str] | None = None,
                   ssl: SSLContext | None = None) -> str:
         """GET ``base + path``; the text body, or ScrapeError saying what went wrong."""
-        session, prefix = self._session_for(base)
+        try:
+            session, prefix = self._session_for(base)
+        except ValueError as exc:  # urlsplit: "http://[::1" (an unclosed IPv6 literal)
+            raise ScrapeError(f"the target URL is not valid: {_words(str(exc))}") from None
         url = prefix + path
         try:
             async with asyncio.timeout(timeout):
@@ -65,8 +69,12 @@ class AdminClient:
                                        allow_redirects=False,
                                        ssl=ssl if ssl is not None else True) as resp:
                     if resp.status != 200:
-                        head = (await resp.content.read(200)).decode("utf-8", "replace")
-                        raise ScrapeError(f"HTTP {resp.status} from {path}: {head.strip()[:120]!r}")
+                        # The body goes to the log only: what answers here may
+                        # be any service a Dataplane object points at.
+                        head = await resp.content.read(200)
+                        moved = " (redirects are not followed)" if 300 <= resp.status < 400 \
+                            else ""
+                        raise ScrapeError(f"HTTP {resp.status} from {path}{moved}", head)
                     if resp.content_length is not None and resp.content_length > self._max_bytes:
                         raise ScrapeError(f"{path} announced {resp.content_length} bytes, over the "
                                           f"{self._max_bytes}-byte limit")
@@ -92,9 +100,16 @@ class AdminClient:
         except TimeoutError:
             raise ScrapeError(f"no complete answer from {path} within {timeout:g}s") from None
         except aiohttp.ClientResponseError as exc:
-            raise ScrapeError(f"bad HTTP answer from {path}: {exc.message}") from None
+            # The parser's message quotes the offending bytes (an SSH or Redis
+            # banner, a header): only its leading words are shown.
+            raise ScrapeError(f"bad HTTP answer from {path}: {_words(exc.message)}",
+                              exc.message) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ScrapeError(_describe(exc)) from None
+            raise ScrapeError(_describe(exc), str(exc)) from None
+        except ValueError as exc:
+            # yarl refuses the URL itself ("http://[127.0.0.1:1/x#]:5670"): one
+            # target's bad address, never the whole cycle's problem.
+            raise ScrapeError(f"the target URL is not valid: {_words(str(exc))}") from None
 
     async def close(self) -> None:
         sessions = [s for s in (self._tcp, *self._unix.values()) if s is not None]
@@ -108,5 +123,18 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the proxy closed the connection without answering"
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"truncated or malformed body: {text}"
+        return f"truncated or malformed body: {_words(text)}"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "the target URL is not valid"
     return text
+
+
+# The leading words of a parser's message ("Bad status line", "Invalid
+# character in Content-Length"): aiohttp's messages go on to quote the bytes
+# they choked on, which belong to the answer, not to the reason.
+_WORDS = re.compile(r"[A-Za-z][A-Za-z0-9 ,\-]*")
+
+
+def _words(message: str) -> str:
+    m = _WORDS.match(message.strip())
+    return m.group(0).strip(" ,-") if m else "unreadable"

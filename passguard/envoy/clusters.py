@@ -103,7 +103,7 @@ class ClustersParser:
         clusters = self.passthrough_clusters(text)
         if not clusters:
             if "::" not in text and text.strip():
-                raise ScrapeError(_not_clusters(text))
+                raise ScrapeError(_not_clusters(text), text[:1024])
             return []
         # The alternation backtracks, so a name that is a prefix of another
         # (`outbound:passthrough`, `outbound:passthrough:ipv4`) cannot steal its
@@ -135,7 +135,7 @@ class ClustersParser:
         try:
             doc = json.loads(text)
         except ValueError as exc:
-            raise ScrapeError(f"/clusters?format=json is not JSON: {exc}") from None
+            raise ScrapeError(f"/clusters?format=json is not JSON: {exc}", text[:1024]) from None
         statuses = _field(doc, "cluster_statuses", list, "the answer")
         acc: dict[tuple[Family, str, str], list[int]] = {}
         for i, cluster in enumerate(statuses):
@@ -244,7 +244,7 @@ def _json_stats(host: Any, where: str) -> tuple[int, int]:
             value = -1  # 1e400 parses as inf: int() overflows
         if isinstance(raw, bool) or not 0 <= value < 2**64:
             raise ScrapeError(f"{where}.stats[{k}].value ({name}) must be an integer "
-                              f"(a 64-bit count), got {str(raw)[:40]!r}") from None
+                              f"(a 64-bit count), got {_json_kind(raw)}", str(raw)[:40]) from None
         if name == "cx_total":
             total += value
         else:
@@ -252,6 +252,18 @@ def _json_stats(host: Any, where: str) -> tuple[int, int]:
     return total, active
 
 
+def _json_kind(raw: Any) -> str:
+    """What a bad value is, without its text (the answer's bytes are for the log)."""
+    if isinstance(raw, str):
+        return f"a {len(raw)}-character string"
+    if isinstance(raw, bool):
+        return "a boolean"
+    if isinstance(raw, int | float):
+        return "a number out of range"
+    return "null" if raw is None else f"a JSON {type(raw).__name__}"
+
+
 def _not_clusters(text: str) -> str:
-    head = text.lstrip()[:60].replace("\n", "\\n")
-    return f"not an Envoy admin /clusters answer (no cluster::stat lines); body starts {head!r}"
+    # What failed, never what was said: the answer goes to the log only.
+    return (f"not an Envoy admin /clusters answer (no cluster::stat lines in {len(text)} "
+            "characters; the start of the answer is in the log)")

@@ -122,10 +122,12 @@ class PromStatsParser:
                 row = acc[fam] = [0] * len(_FIELD)
             # Summed per family exactly like StatsParser; kuma-dp may also split
             # one stat over several label sets (extra labels), which sums too.
+            # Named by the stat alone: the labels are the answer's bytes.
             row[_FIELD[stat]] += _number(m.group("v"), f"envoy_{'cluster' if cs else 'tcp'}_"
-                                                       f"{stat}{{{labels}}}")
+                                                       f"{stat} of a passthrough "
+                                                       f"{'cluster' if cs else 'listener'}")
         if uptime is None:
-            raise ScrapeError(_not_envoy(text))
+            raise ScrapeError(_not_envoy(text), text[:1024])
         for m in self._listener.finditer(text):
             fam = listener_family(m.group("addr") or m.group("name"))
             row = acc.get(fam)
@@ -150,13 +152,16 @@ def _number(text: str, what: str) -> int:
     value = float(text)
     # 2**64: larger is not an Envoy stat (and would not survive as a float).
     if not math.isfinite(value) or value < 0 or value >= 1.8446744073709552e19:
-        raise ScrapeError(f"{what} has the value {text[:40]!r}, not a count (of a 64-bit stat)")
+        raise ScrapeError(f"{what} has a value that is not a count (negative, not finite, or "
+                          "over 64 bits)", text[:40])
     return round(value)
 
 
 def _not_envoy(text: str) -> str:
-    head = text.lstrip()[:60].replace("\n", "\\n")
-    if not head:
+    # What failed, never what was said: the answer is for the log only
+    # (ScrapeError.answer), since a kuma-dp address may be some other service.
+    if not text.strip():
         return "empty body: not Envoy stats in Prometheus format (no envoy_server_uptime)"
-    return ("not Envoy stats in Prometheus format (no envoy_server_uptime sample; a metrics "
-            f"profile may have filtered Envoy's stats out); body starts {head!r}")
+    return ("not Envoy stats in Prometheus format (no envoy_server_uptime sample in "
+            f"{len(text)} characters; a metrics profile may have filtered Envoy's stats out; "
+            "the start of the answer is in the log)")

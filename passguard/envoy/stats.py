@@ -115,12 +115,14 @@ class StatsParser:
                 row = acc[fam] = [0] * 7
             row[field] += counter(m.group("v"), "a passthrough stat")
         if uptime is None:
-            raise ScrapeError(_not_envoy(text))
+            raise ScrapeError(_not_envoy(text), text[:1024])
         return StatsReading(uptime, {f: Counters(*v) for f, v in acc.items()})
 
 
 def _not_envoy(text: str) -> str:
-    head = text.lstrip()[:60].replace("\n", "\\n")
-    if not head:
+    # What failed, never what was said: the answer is for the log only
+    # (ScrapeError.answer), since a target may be some other service.
+    if not text.strip():
         return "empty body: not an Envoy admin /stats answer (no server.uptime)"
-    return f"not an Envoy admin /stats answer (no server.uptime); body starts {head!r}"
+    return (f"not an Envoy admin /stats answer (no server.uptime in {len(text)} characters; "
+            "the start of the answer is in the log)")

@@ -18,7 +18,15 @@ Each dataplane becomes a ``Target``:
   and path from the dataplane's or the mesh's Prometheus metrics backend when
   set) and the body is Prometheus text (``passguard.envoy.promtext``).  The CP
   token is never sent there: it would leak to whatever answers on a
-  dataplane's address.
+  dataplane's address.  Address, port and path are data from a Dataplane
+  object, i.e. from whoever may write one, so they are checked before any
+  request: the address must be an IP literal (no name to resolve, nothing
+  that turns into another host, port or path in a URL), not unspecified,
+  multicast or link-local (cloud metadata lives at 169.254.169.254) unless
+  ``allowed_cidrs`` names it, and inside ``allowed_cidrs`` when that is set;
+  the port a port number and the path a plain URL path.  A dataplane that
+  fails is a failed target with the reason, never read, and the others are
+  unaffected (``metrics_endpoint``).
 
 What an operator relies on, and why it is built this way:
 
@@ -52,10 +60,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -67,6 +77,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 
+from passguard.envoy.excerpt import for_log
 from passguard.errors import InputError, PassguardError
 from passguard.gate.documents import Resource, parse_resource
 from passguard.policy.model import GatewayType, MeshFlag, MeshState, Policy, Proxy, Version
@@ -77,6 +88,7 @@ log = logging.getLogger(__name__)
 
 StatsMode = Literal["inspect", "kuma-dp"]
 StatsFormat = Literal["envoy", "prometheus"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # kuma-dp's merged Prometheus endpoint (Mesh metrics backend defaults).
 DEFAULT_METRICS_PORT = 5670
@@ -121,6 +133,9 @@ class KumaSourceConfig:
     # A mesh not listed completely for this long is insufficient data to the
     # gate; None: three discovery intervals.
     stale_after: float | None = None
+    # `stats: kuma-dp`: the networks a dataplane's metrics address may be in
+    # (None: any IP literal but unspecified, multicast and link-local).
+    allowed_cidrs: tuple[Network, ...] | None = None
 
     def wants(self, mesh: str) -> bool:
         return any(fnmatchcase(mesh, pattern) for pattern in self.meshes)
@@ -155,6 +170,9 @@ class MeshInfo:
     metrics_path: str | None = None
     # networking.outbound.passthrough as the CP holds it (None: not written).
     passthrough: bool | None = None
+    # Why the backend's port or path cannot be used: its dataplanes fail in
+    # kuma-dp mode; the listing (and inspect mode) is unaffected.
+    metrics_problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +195,9 @@ class DataplaneInfo:
     gateway: bool = False
     metrics_port: int | None = None
     metrics_path: str | None = None
+    # Why the dataplane's metrics port or path cannot be used (kuma-dp mode
+    # fails this one target with it; nothing else depends on them).
+    metrics_problem: str | None = None
     # What MeshPassthrough selection needs (docs/semantics.md): each inbound's
     # own tags (a gateway's tags as its one "inbound"), names and ports; the
     # resource labels; transparent proxying; the gateway type.
@@ -287,7 +308,7 @@ def parse_list_page(body: Any, where: str) -> ListPage:
 def parse_mesh_item(item: Any, where: str) -> MeshInfo:
     doc = _obj(item, where)
     name = _req_str(doc, "name", where)
-    port = path = None
+    port = path = problem = None
     metrics = _opt_obj(doc, "metrics", where)
     if metrics is not None:
         # Kuma's `Mesh.metrics`: the enabled backend, if it is Prometheus.
@@ -297,15 +318,54 @@ def parse_mesh_item(item: Any, where: str) -> MeshInfo:
             b = _obj(backend, bwhere)
             if enabled and b.get("name") == enabled and b.get("type", "prometheus") == "prometheus":
                 conf = _opt_obj(b, "conf", bwhere) or {}
-                port = _opt_port(conf, "port", f"{bwhere}.conf")
-                path = _opt_str(conf, "path", f"{bwhere}.conf")
+                port, path, problem = _metrics_conf(conf, f"{bwhere}.conf")
     outbound = _opt_obj(_opt_obj(doc, "networking", where) or {}, "outbound",
                         f"{where}.networking") or {}
     flag = outbound.get("passthrough")
     if flag is not None and not isinstance(flag, bool):
         raise KumaApiError(f"{where}.networking.outbound.passthrough must be true or false, "
                            f"got {_kind(flag)}")
-    return MeshInfo(name, port, path, flag)
+    return MeshInfo(name, port, path, flag, problem)
+
+
+def _metrics_conf(conf: dict[str, Any], where: str
+                  ) -> tuple[int | None, str | None, str | None]:
+    """A Prometheus backend's ``port`` and ``path``, and why they cannot be
+    used (None when they can). Not raised: only ``stats: kuma-dp`` reads
+    them, and there only the dataplanes that use them fail."""
+    problem = None
+    try:
+        port = _opt_port(conf, "port", where)
+    except KumaApiError as exc:
+        port, problem = None, str(exc)
+    try:
+        path = _opt_str(conf, "path", where)
+    except KumaApiError as exc:
+        path, problem = None, problem or str(exc)
+    if path is not None and problem is None and (why := path_problem(path)):
+        problem = f"{where}.path {why}"
+    return port, path, problem
+
+
+# A URL path of unreserved and sub-delimiter characters and %XX escapes: no
+# query, fragment, space or control character can ride along into the URL.
+_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
+MAX_PATH = 1024
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` is not a usable metrics path, or None."""
+    if len(path) > MAX_PATH:
+        return f"is {len(path)} characters long (at most {MAX_PATH})"
+    if not _PATH.fullmatch(path):
+        return (f"'{for_log(path, 64)}' is not a plain URL path (letters, digits, "
+                "-._~!$&'()*+,;=:@/ and %XX escapes; no query or fragment)")
+    return None
+
+
+def _bounded_problem(text: str) -> str:
+    # A CP's value quoted in a reason is cut and escaped like any foreign text.
+    return for_log(text, 300)
 
 
 def parse_policy_item(item: Any, where: str, mesh: str) -> Policy:
@@ -424,15 +484,14 @@ def parse_dataplane_item(item: Any, where: str, mesh: str | None = None) -> Data
     for k, v in labels.items():
         tags.setdefault(k, v)
 
-    port = path = None
+    port = path = problem = None
     metrics = _opt_obj(spec, "metrics", spec_where)
     if metrics is not None:
         conf = _opt_obj(metrics, "conf", f"{spec_where}.metrics") or {}
-        port = _opt_port(conf, "port", f"{spec_where}.metrics.conf")
-        path = _opt_str(conf, "path", f"{spec_where}.metrics.conf")
+        port, path, problem = _metrics_conf(conf, f"{spec_where}.metrics.conf")
     return DataplaneInfo(mesh=mesh_name, name=name, address=address, services=tuple(services),
                          tags=tags, online=online, gateway=gateway is not None,
-                         metrics_port=port, metrics_path=path,
+                         metrics_port=port, metrics_path=path, metrics_problem=problem,
                          inbounds=tuple(t for t, _ in tag_sets), inbound_names=tuple(names),
                          inbound_ports=tuple(ports), labels=labels,
                          # Absent from the spec is not proof of no transparent
@@ -458,6 +517,8 @@ class StatsRequest:
     # Envoy `/clusters` (destinations) through the same base; None when the
     # mode has no such endpoint (kuma-dp serves metrics only).
     clusters_path: str | None
+    # Why the target must not be read (see metrics_endpoint): it fails with it.
+    invalid: str | None = None
 
 
 @dataclass
@@ -489,6 +550,8 @@ class KumaSource:
         self._mesh_states: dict[str, MeshState] = {}
         self._targets: list[Target] = []
         self._paths: dict[str, str] = {}
+        # kuma-dp targets that fail metrics_endpoint: key -> the reason.
+        self._invalid: dict[str, str] = {}
         self._token: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -544,7 +607,7 @@ class KumaSource:
         if self.cfg.stats == "inspect":
             return StatsRequest(target.url, "/stats", self.headers, "envoy", "/clusters")
         return StatsRequest(target.url, self._paths.get(target.key, DEFAULT_METRICS_PATH), {},
-                            "prometheus", None)
+                            "prometheus", None, self._invalid.get(target.key))
 
     def inherit(self, old: KumaSource) -> None:
         """Start from another source's last known dataplanes (a config reload):
@@ -683,15 +746,10 @@ class KumaSource:
                     continue
                 raise
             self.overview_path = suffix
-            dps = [parse_dataplane_item(it, f"GET {path}: items[{i}]", mesh)
-                   for i, it in enumerate(items)]
-            if self.cfg.stats == "kuma-dp":
-                for i, dp in enumerate(dps):
-                    if dp.address is None:
-                        raise KumaApiError(f"GET {path}: items[{i}].dataplane.networking.address "
-                                           f"is missing: stats: kuma-dp needs it to reach "
-                                           f"{dp.name}'s metrics endpoint")
-            return dps
+            # A dataplane kuma-dp mode cannot read (no address, a bad one) is
+            # listed and fails alone (_rebuild), not the whole mesh's listing.
+            return [parse_dataplane_item(it, f"GET {path}: items[{i}]", mesh)
+                    for i, it in enumerate(items)]
         raise AssertionError("unreachable: the last path raises")
 
     # -- HTTP --------------------------------------------------------------------
@@ -803,23 +861,60 @@ class KumaSource:
         self._mesh_states = self._build_mesh_states()
         targets: list[Target] = []
         paths: dict[str, str] = {}
+        invalid: dict[str, str] = {}
         for dp in self.dataplanes():
             if self.cfg.stats == "inspect":
                 url = (f"{self.base}/meshes/{quote(dp.mesh, safe='')}"
                        f"/dataplanes/{quote(dp.name, safe='')}")
             else:
                 mesh = self._state.meshes.get(dp.mesh, MeshInfo(dp.mesh))
-                host = dp.address or ""
-                if ":" in host:
-                    host = f"[{host}]"
-                port = dp.metrics_port or mesh.metrics_port or DEFAULT_METRICS_PORT
-                url = f"http://{host}:{port}"
-                path = dp.metrics_path or mesh.metrics_path or DEFAULT_METRICS_PATH
-                paths[f"{dp.mesh}/{dp.name}"] = path if path.startswith("/") else "/" + path
+                endpoint = metrics_endpoint(dp, mesh, self.cfg.allowed_cidrs)
+                if isinstance(endpoint, str):
+                    # Listed (the gate counts it unknown), never read.
+                    url, invalid[f"{dp.mesh}/{dp.name}"] = "", endpoint
+                else:
+                    url, paths[f"{dp.mesh}/{dp.name}"] = endpoint
             targets.append(Target(url=url, mesh=dp.mesh, dataplane=dp.name, service=dp.service,
                                   tags=dp.tags, offline=dp.online is False,
                                   offline_since=dp.disconnected_at))
-        self._targets, self._paths = targets, paths
+        self._targets, self._paths, self._invalid = targets, paths, invalid
+
+
+def metrics_endpoint(dp: DataplaneInfo, mesh: MeshInfo,
+                     allowed: tuple[Network, ...] | None) -> tuple[str, str] | str:
+    """``(base URL, path)`` of a dataplane's kuma-dp metrics endpoint, or why
+    it must not be read (the module docstring says what is checked and why)."""
+    where = "stats: kuma-dp"
+    if dp.address is None:
+        return (f"{where}: dataplane.networking.address is missing; it is needed to reach "
+                "the metrics endpoint (not scraped)")
+    shown = for_log(dp.address, 64)
+    try:
+        ip = ipaddress.ip_address(dp.address)
+    except ValueError:
+        return (f"{where}: dataplane.networking.address '{shown}' is not an IP address; "
+                "only IP literals are read (not scraped)")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        return f"{where}: dataplane.networking.address '{shown}' has a zone (not scraped)"
+    plain = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+    inside = [n for n in allowed or () if plain.version == n.version and plain in n]
+    if allowed is not None and not inside:
+        return (f"{where}: dataplane.networking.address {plain} is not inside "
+                "allowed_cidrs (not scraped)")
+    if not inside and (plain.is_unspecified or plain.is_multicast or plain.is_link_local
+                       or plain == ipaddress.IPv4Address("255.255.255.255")):
+        return (f"{where}: dataplane.networking.address {plain} is unspecified, broadcast, "
+                "multicast or link-local; list it in allowed_cidrs to read it (not scraped)")
+    if dp.metrics_problem is not None:
+        return f"{where}: {_bounded_problem(dp.metrics_problem)} (not scraped)"
+    if mesh.metrics_problem is not None and (dp.metrics_port is None
+                                             or dp.metrics_path is None):
+        return f"{where}: mesh {_bounded_problem(mesh.metrics_problem)} (not scraped)"
+    port = dp.metrics_port or mesh.metrics_port or DEFAULT_METRICS_PORT
+    path = dp.metrics_path or mesh.metrics_path or DEFAULT_METRICS_PATH
+    path = path if path.startswith("/") else "/" + path
+    host = f"[{plain}]" if plain.version == 6 else str(plain)
+    return f"http://{host}:{port}", path
 
 
 def _identity(item: Any) -> Any:

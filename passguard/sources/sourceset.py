@@ -98,7 +98,8 @@ class SourceSet:
                     log.error("%s", exc)
                     self._ssl[id(src)] = None
             ssl = self._ssl[id(src)]
-        return Request(r.base, r.path, dict(r.headers), r.format, r.clusters_path, ssl)
+        return Request(r.base, r.path, dict(r.headers), r.format, r.clusters_path, ssl,
+                       r.invalid)
 
     async def collect(self, now: float) -> list[DataplaneEvidence]:
         """Evidence from every Prometheus source (one round each, concurrently)."""

@@ -385,12 +385,19 @@ async def test_not_json_and_not_a_list(cp: FakeKumaCP, token_file: Path,
 
 async def test_kuma_dp_mode_needs_an_address(cp: FakeKumaCP, token_file: Path,
                                              sources: Sources) -> None:
+    """A dataplane without an address is listed and fails alone (it is unknown
+    to the gate); the listing, and the mesh's other dataplanes, stand."""
     cp.add_dataplane("default", "web-1")
-    cp.item_hook = lambda item: {**item, "dataplane": {"networking": {"inbound": []}}}
+    cp.add_dataplane("default", "web-2")
+    cp.item_hook = lambda item: item if item["name"] == "web-2" else \
+        {**item, "dataplane": {"networking": {"inbound": []}}}
     source = sources(cp, token_file, stats="kuma-dp")
     await source.discover()
-    assert source.last_error is not None
-    assert "items[0].dataplane.networking.address is missing" in source.last_error
+    assert source.last_error is None and keys(source) == ["default/web-1", "default/web-2"]
+    by_name = {t.dataplane: t for t in source.targets()}
+    invalid = source.request_for(by_name["web-1"]).invalid
+    assert invalid is not None and "networking.address is missing" in invalid
+    assert source.request_for(by_name["web-2"]).invalid is None
 
 
 async def test_tls_ca_file(tmp_path: Path, token_file: Path, sources: Sources) -> None:

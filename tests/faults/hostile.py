@@ -236,6 +236,26 @@ async def _empty(srv: HostileProxies, req: Request) -> None:
     await req.send(response(b""))
 
 
+#: What an internal service (not a proxy) answers in the "internal_*" modes: a
+#: secret, and control characters that could forge a log line or drive a terminal.
+SECRET = b"INTERNAL-SECRET-7f3a9"
+INTERNAL_BODY = b"root:x:0:0:" + SECRET + b"\x1b[2J\nFAKE 2024 WARNING forged line\n" + b"x" * 4096
+
+
+async def _internal_200(srv: HostileProxies, req: Request) -> None:
+    await req.send(response(INTERNAL_BODY))
+
+
+async def _internal_503(srv: HostileProxies, req: Request) -> None:
+    await req.send(response(INTERNAL_BODY, "503 Service Unavailable"))
+
+
+async def _internal_banner(srv: HostileProxies, req: Request) -> None:
+    # Not HTTP at all (SSH, Redis, SMTP greet first): aiohttp's parser quotes it.
+    await req.send(SECRET + b" ESMTP ready\r\n" + INTERNAL_BODY)
+    req.writer.close()
+
+
 _BOMB: bytes | None = None
 
 
@@ -309,6 +329,9 @@ MODES: dict[str, Handler] = {
     "counter_400_digits": _counter_400_digits,
     "clusters_5000_digits": _clusters_5000_digits,
     "clusters_json_inf": _clusters_json_inf,
+    "internal_200": _internal_200,
+    "internal_503": _internal_503,
+    "internal_banner": _internal_banner,
 }
 
 

@@ -213,3 +213,72 @@ def test_prometheus_source(tmp_path: Path) -> None:
         "k_mesh", "k_dp", "service")
     assert src.token_file == str(tmp_path / "tok") and src.scrape_interval == 15
     assert src.headers == (("X-Scope-OrgID", "team-a"),)
+
+
+# -- issue 13, finding 8: credentials in URLs; finding 6: allowed_cidrs -------------
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("sources:\n  - kind: envoy\n    targets:\n      - url: http://admin:hunter2@10.0.0.5:9901\n",
+     "sources[0].targets[0].url"),
+    ("sources:\n  - kind: kuma\n    url: https://passguard:hunter2@kuma-cp:5682\n",
+     "sources[0].url"),
+    ("sources:\n  - kind: prometheus\n    url: http://reader:hunter2@prometheus:9090\n",
+     "sources[0].url"),
+    ("sources:\n  - kind: kuma\n    url: https://hunter2@kuma-cp:5682/api?x=1\n",
+     "sources[0].url"),
+])
+def test_urls_with_user_information_are_refused(text: str, key: str, tmp_path: Path) -> None:
+    """A URL is a /metrics label and a word in logs: a password in it would be
+    published. The error names the key and does not repeat the secret."""
+    errors = errors_of(text, tmp_path)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{key}: must not carry user information"), errors
+    assert "hunter2" not in errors[0]
+
+
+def test_target_file_urls_with_user_information_are_refused(tmp_path: Path) -> None:
+    p = tmp_path / "targets.yaml"
+    p.write_text("- url: http://u:hunter2@127.0.0.1:9901\n  labels: {dataplane: a}\n")
+    with pytest.raises(ConfigError) as info:
+        config.load_target_file(p)
+    [error] = info.value.errors
+    assert error.startswith(f"{p}[0].url: must not carry user information")
+    assert "hunter2" not in error
+
+
+def test_config_check_cli_does_not_print_the_password(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources:\n  - kind: kuma\n    url: https://u:hunter2@kuma-cp:5682\n")
+    ko = subprocess.run([sys.executable, "-m", "passguard", "config", "check", "-c", str(bad)],
+                        capture_output=True, text=True, timeout=60)
+    assert ko.returncode == 2 and "sources[0].url: must not carry user information" in ko.stderr
+    assert "hunter2" not in ko.stderr + ko.stdout and "Traceback" not in ko.stderr
+
+
+def test_allowed_cidrs(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("sources:\n  - kind: kuma\n    url: http://cp:5681\n    stats: kuma-dp\n"
+                 "    allowed_cidrs: [10.0.0.0/8, 'fd00::/8']\n")
+    [src] = config.load(p).sources
+    assert [str(n) for n in src.allowed_cidrs] == ["10.0.0.0/8", "fd00::/8"]
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ("[]", "sources[0].allowed_cidrs: must be a non-empty list of CIDRs"),
+    ("10.0.0.0/8", "sources[0].allowed_cidrs: must be a non-empty list of CIDRs"),
+    ("[10.0.0.1/8]", "sources[0].allowed_cidrs[0]: '10.0.0.1/8' is not a CIDR: "
+                     "10.0.0.1/8 has host bits set"),
+    ("[10.0.0.0/8, nope]", "sources[0].allowed_cidrs[1]: 'nope' is not a CIDR"),
+    ("[8]", "sources[0].allowed_cidrs[0]: must be a CIDR string"),
+])
+def test_allowed_cidrs_errors(value: str, error: str, tmp_path: Path) -> None:
+    errors = errors_of("sources:\n  - kind: kuma\n    url: http://cp:5681\n    stats: kuma-dp\n"
+                       f"    allowed_cidrs: {value}\n", tmp_path)
+    assert any(e.startswith(error) for e in errors), errors
+
+
+def test_allowed_cidrs_only_with_kuma_dp(tmp_path: Path) -> None:
+    errors = errors_of("sources:\n  - kind: kuma\n    url: http://cp:5681\n"
+                       "    allowed_cidrs: [10.0.0.0/8]\n", tmp_path)
+    assert errors == ["sources[0].allowed_cidrs: applies to stats: kuma-dp only (the addresses "
+                      "of the dataplanes' metrics endpoints)"]

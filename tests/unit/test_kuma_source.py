@@ -276,9 +276,13 @@ def test_mesh_metrics_backend() -> None:
                      {"name": "prom-1", "type": "prometheus",
                       "conf": {"port": 5671, "path": "/m"}}]}}, "m")
     assert (mesh.metrics_port, mesh.metrics_path) == (5671, "/m")
-    with pytest.raises(KumaApiError, match=r"backends\[0\].conf.port must be a port number"):
-        parse_mesh_item({"name": "m", "metrics": {"enabledBackend": "p", "backends": [
-            {"name": "p", "conf": {"port": "x"}}]}}, "m")
+    # A bad backend is not a listing error (inspect mode never reads it): the
+    # problem is kept for the mesh's dataplanes in kuma-dp mode.
+    bad = parse_mesh_item({"name": "m", "metrics": {"enabledBackend": "p", "backends": [
+        {"name": "p", "conf": {"port": "x"}}]}}, "m")
+    assert bad.metrics_port is None
+    assert bad.metrics_problem is not None
+    assert "backends[0].conf.port must be a port number" in bad.metrics_problem
 
 
 def test_dataplane_metrics_and_labels() -> None:
