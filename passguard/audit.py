@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from passguard.fields import NAME_BYTES, REASON_BYTES, USER_BYTES, cap, cap_optional
+from passguard.fields import NAME_BYTES, REASON_BYTES, REQUESTER_BYTES, cap, cap_optional
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -90,7 +90,7 @@ class AuditEntry:
         reasons = [cap(r, REASON_BYTES) for r in self.reasons[:MAX_REASONS]]
         if len(self.reasons) > MAX_REASONS:
             reasons.append(f"{len(self.reasons) - MAX_REASONS} more reasons not recorded")
-        return replace(self, requester=cap(self.requester, USER_BYTES),
+        return replace(self, requester=cap(self.requester, REQUESTER_BYTES),
                        mesh=cap_optional(self.mesh, NAME_BYTES),
                        break_glass=cap_optional(self.break_glass, REASON_BYTES),
                        reasons=reasons, documents=docs,

@@ -20,6 +20,10 @@ NAME_BYTES = 253
 #: Kubernetes user names have no limit of their own; 256 bytes holds every
 #: real one (service accounts: ``system:serviceaccount:<ns>:<name>``).
 USER_BYTES = 256
+#: An audit's ``requester``: a user name and who vouched for it
+#: (``alice via cert:kube-apiserver``); the user name is capped on its own
+#: first, so its digest is the user name's.
+REQUESTER_BYTES = USER_BYTES + 256
 #: A break-glass reason, a reason or a warning of a decision.
 REASON_BYTES = 1024
 #: A log line's message at most; the rest is cut and marked.
@@ -66,5 +70,5 @@ def log_safe(text: str, limit: int = LOG_LINE_BYTES) -> str:
     return cap(escape_controls(text), limit)
 
 
-__all__ = ["LOG_LINE_BYTES", "NAME_BYTES", "REASON_BYTES", "USER_BYTES", "cap",
+__all__ = ["LOG_LINE_BYTES", "NAME_BYTES", "REASON_BYTES", "REQUESTER_BYTES", "USER_BYTES", "cap",
            "cap_optional", "escape_controls", "log_safe"]
