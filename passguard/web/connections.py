@@ -19,8 +19,8 @@ new connection takes one of them, and may only ask ``GET /-/healthy`` or
 ``GET /-/ready``; it is answered here, from ``probe``, without aiohttp, and
 closed. Anything else on such a place gets the 503 the cap gives. A reserved
 place is held ``PROBE_DEADLINE`` at most, and when all are taken the oldest
-that has said nothing yet makes room, so silent sockets cannot keep the
-probes out either. (Why reserved places and not a listener of their own:
+that has said nothing yet makes room (it gets that 503 then), so silent
+sockets cannot keep the probes out either. (Why reserved places and not a listener of their own:
 docs/security.md, "Connections and probes".)
 """
 
@@ -142,9 +142,10 @@ class Reserved(asyncio.Protocol):
         return self._transport is not None
 
     def evict(self) -> None:
-        """Give the place back now (deadline, or room for a newer probe)."""
-        if self._transport is not None:
-            self._transport.abort()
+        """Give the place back now (deadline, or room for a newer probe),
+        with the 503 a connection past the cap gets at accept."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._reply(self._cap.answer, refused=True)
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
