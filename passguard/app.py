@@ -46,7 +46,7 @@ from passguard.web import tls as tls_mod
 from passguard.web.auth import TokenStore
 from passguard.web.connections import ConnectionCap
 from passguard.web.listener import Listener
-from passguard.web.routes import build_app
+from passguard.web.routes import build_app, probe_answer
 from passguard.web.tls import CertReloader
 from passguard.yielding import Budget
 
@@ -65,7 +65,7 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 #: Descriptors besides connections: the two databases and their WAL files,
 #: the log, target files, the event loop's own.
 FD_SPARE = 64
-#: How often audit entries past ``audit.retention`` are deleted.
+#: How often audit entries past ``audit.retention`` or ``audit.max_bytes`` are deleted.
 AUDIT_RETENTION_EVERY = 60.0
 #: listen() backlog, and how many connections are accepted in one go. The
 #: kernel holds the backlog: it costs no descriptor, and a refused connection
@@ -335,7 +335,8 @@ class Daemon:
             self._refresh_targets()
             self.store.build_snapshot(time.time())
             if self.connections is not None:
-                self.connections.resize(new.limits.max_connections)
+                self.connections.resize(new.limits.max_connections,
+                                        new.limits.first_byte_timeout)
         await old_sources.close()
         if self.scheduler is not None:
             self.sources.start()
@@ -365,8 +366,12 @@ class Daemon:
         # Our own listener instead of a web.TCPSite: the connection cap is
         # applied at accept (aiohttp has none).
         assert self.runner.server is not None
-        self.connections = ConnectionCap(self.runner.server, self.config.limits.max_connections,
-                                         self.metrics.connections_refused.inc)
+        self.connections = ConnectionCap(
+            self.runner.server, self.config.limits.max_connections,
+            self.metrics.connections_refused.inc,
+            first_byte_timeout=self.config.limits.first_byte_timeout,
+            probe=lambda path: probe_answer(self, path),
+            on_silent=self.metrics.connections_silent.inc)
         self._listener = await Listener.open(
             self.connections, listen.host, listen.port, backlog=LISTEN_BACKLOG,
             tls=self.tls.context if self.tls else None,
@@ -398,8 +403,18 @@ class Daemon:
             try:
                 removed = await asyncio.to_thread(
                     self.audit.prune, time.time() - self.config.audit.retention)
+                self.metrics.audit_pruned.labels("age").inc(removed)
                 if removed:
                     log.info("audit: %d entries older than the retention removed", removed)
+                # Then by size, oldest first: a flood must not fill the disk
+                # within the retention (a full disk stops the audit, and the gate).
+                removed = await asyncio.to_thread(self.audit.prune_to_size,
+                                                  self.config.audit.max_bytes)
+                self.metrics.audit_pruned.labels("size").inc(removed)
+                if removed:
+                    log.warning("audit: %d oldest entries removed to stay within "
+                                "audit.max_bytes (%d bytes)", removed,
+                                self.config.audit.max_bytes)
             except Exception as exc:
                 log.error("audit retention failed: %s", exc)
             with contextlib.suppress(TimeoutError):

@@ -26,9 +26,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from passguard.fields import NAME_BYTES, REASON_BYTES, REQUESTER_BYTES, cap, cap_optional
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -43,10 +45,20 @@ CREATE TABLE IF NOT EXISTS audit (
     break_glass TEXT,
     reasons TEXT NOT NULL,
     documents TEXT NOT NULL,
-    evidence TEXT
+    evidence TEXT,
+    peer TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 """
+# Constant SQL. The columns in the order of ``_rows``.
+_INSERT = ("INSERT INTO audit (time, source, requester, mesh, mode, verdict, dry_run, "
+           "break_glass, reasons, documents, evidence, peer) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+_SELECT = ("SELECT id, time, source, requester, mesh, mode, verdict, dry_run, break_glass, "
+           "reasons, documents, evidence, peer FROM audit")
+# An audit table from before the peer was recorded has one column less.
+_MOVE = ("INSERT INTO main.audit (id, time, source, requester, mesh, mode, verdict, dry_run, "
+         "break_glass, reasons, documents, evidence) SELECT id, time, source, requester, mesh, "
+         "mode, verdict, dry_run, break_glass, reasons, documents, evidence FROM legacy.audit")
 
 
 @dataclass
@@ -66,6 +78,23 @@ class AuditEntry:
     #: ``evidence`` already encoded (the decision's), so the writer thread
     #: does not encode it again while holding the GIL.
     evidence_json: str | None = None
+    #: The address the request came from (``request.remote``): who really
+    #: asked, when ``requester`` is only what the body claims.
+    peer: str | None = None
+
+    def bounded(self) -> AuditEntry:
+        """This entry with every request-derived field capped (passguard.fields).
+        Applied by ``record``, so no caller can store a field whole."""
+        docs = [{k: cap(v, NAME_BYTES) if isinstance(v, str) else v for k, v in d.items()}
+                for d in self.documents]
+        reasons = [cap(r, REASON_BYTES) for r in self.reasons[:MAX_REASONS]]
+        if len(self.reasons) > MAX_REASONS:
+            reasons.append(f"{len(self.reasons) - MAX_REASONS} more reasons not recorded")
+        return replace(self, requester=cap(self.requester, REQUESTER_BYTES),
+                       mesh=cap_optional(self.mesh, NAME_BYTES),
+                       break_glass=cap_optional(self.break_glass, REASON_BYTES),
+                       reasons=reasons, documents=docs,
+                       peer=cap_optional(self.peer, NAME_BYTES))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +111,7 @@ class AuditEntry:
             "reasons": self.reasons,
             "documents": self.documents,
             "evidence": self.evidence,
+            "peer": self.peer,
         }
 
 
@@ -101,6 +131,13 @@ MAX_BATCH = 256
 #: the ~2.6 KB an entry takes under load: milliseconds), then rests.
 PRUNE_CHUNK = 500
 PRUNE_PAUSE = 0.02
+#: Reasons kept per entry: a decision about a large mesh may list many.
+MAX_REASONS = 64
+#: ``GET /v1/audit`` pages stop adding entries past this many bytes of
+#: stored text (at least one entry, so a page always moves on).
+PAGE_BYTES = 4 * 1024 * 1024
+#: The WAL is truncated to this after a checkpoint (see ``AuditLog``).
+WAL_LIMIT = 16 * 1024 * 1024
 
 _Row = tuple[Any, ...]
 _Waiter = tuple[list["AuditEntry"], asyncio.Future[None], asyncio.AbstractEventLoop]
@@ -115,7 +152,7 @@ def _evidence_json(e: AuditEntry) -> str | None:
 def _rows(entries: Iterable[AuditEntry]) -> list[_Row]:
     return [(e.time, e.source, e.requester, e.mesh, e.mode, e.verdict, int(e.dry_run),
              e.break_glass, json.dumps(e.reasons), json.dumps(e.documents),
-             _evidence_json(e))
+             _evidence_json(e), e.peer)
             for e in entries]
 
 
@@ -155,6 +192,12 @@ class AuditLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(audit)")}
+        if "peer" not in columns:  # an audit written before the peer was recorded
+            self._db.execute("ALTER TABLE audit ADD COLUMN peer TEXT")
+        # A checkpointed WAL is cut back to this size: otherwise the file
+        # keeps its largest size, outside what audit.max_bytes counts.
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         if legacy is not None and legacy.exists():
             self._migrate(legacy)
 
@@ -174,7 +217,7 @@ class AuditLog:
             db.execute("BEGIN IMMEDIATE")
             try:
                 if db.execute("SELECT 1 FROM main.audit LIMIT 1").fetchone() is None:
-                    db.execute("INSERT INTO main.audit SELECT * FROM legacy.audit")
+                    db.execute(_MOVE)
                 else:
                     db.execute(_MERGE)
                 db.execute("COMMIT")
@@ -194,10 +237,7 @@ class AuditLog:
             try:
                 for entries, rows in batch:
                     for row, entry in zip(rows, entries, strict=True):
-                        cur = db.execute(
-                            "INSERT INTO audit (time, source, requester, mesh, mode, verdict, "
-                            "dry_run, break_glass, reasons, documents, evidence)"
-                            " VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+                        cur = db.execute(_INSERT, row)
                         entry.id = cur.lastrowid
                 db.execute("COMMIT")
             except BaseException:
@@ -215,6 +255,7 @@ class AuditLog:
         (one transaction for them, shared with the requests waiting alongside)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        bounded = [e.bounded() for e in entries]
         with self._state:
             if self._closed:
                 raise sqlite3.ProgrammingError("the audit log is closed")
@@ -222,8 +263,10 @@ class AuditLog:
                 self._writer = threading.Thread(target=self._run, name="audit-writer",
                                                 daemon=True)
                 self._writer.start()
-        self._queue.put((entries, fut, loop))
+        self._queue.put((bounded, fut, loop))
         await fut
+        for e, b in zip(entries, bounded, strict=True):
+            e.id = b.id
 
     def _run(self) -> None:
         while True:
@@ -269,9 +312,13 @@ class AuditLog:
                 loop.call_soon_threadsafe(_settle, outcomes)
 
     def query(self, since: float | None = None, mesh: str | None = None,
-              verdict: str | None = None, limit: int = 100,
-              before_id: int | None = None) -> tuple[list[AuditEntry], int | None]:
-        """Newest first; the id to pass as ``before_id`` for the next page, or None."""
+              verdict: str | None = None, limit: int = 100, before_id: int | None = None,
+              max_bytes: int = PAGE_BYTES) -> tuple[list[AuditEntry], int | None]:
+        """Newest first; the id to pass as ``before_id`` for the next page, or None.
+
+        At most ``limit`` entries, and no more once their stored text passes
+        ``max_bytes`` (the first entry always comes): a page of a thousand
+        large entries was megabytes, held in memory twice while encoded."""
         where: list[str] = []
         args: list[object] = []
         if since is not None:
@@ -286,20 +333,28 @@ class AuditLog:
         if before_id is not None:
             where.append("id < ?")
             args.append(before_id)
-        sql = "SELECT id, time, source, requester, mesh, mode, verdict, dry_run, break_glass, " \
-              "reasons, documents, evidence FROM audit"
+        sql = _SELECT
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit + 1)
+        rows: list[_Row] = []
+        used = 0
+        more = False
         with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+            # Row by row, so rows past the budget are never read.
+            for r in self._db.execute(sql, args):
+                if len(rows) == limit or (rows and used >= max_bytes):
+                    more = True
+                    break
+                rows.append(r)
+                used += sum(len(v) for v in r if isinstance(v, str))
         entries = [AuditEntry(id=r[0], time=r[1], source=r[2], requester=r[3], mesh=r[4],
                               mode=r[5], verdict=r[6], dry_run=bool(r[7]), break_glass=r[8],
                               reasons=json.loads(r[9]), documents=json.loads(r[10]),
-                              evidence=json.loads(r[11]) if r[11] else None)
-                   for r in rows[:limit]]
-        nxt = entries[-1].id if len(rows) > limit and entries else None
+                              evidence=json.loads(r[11]) if r[11] else None, peer=r[12])
+                   for r in rows]
+        nxt = entries[-1].id if more and entries else None
         return entries, nxt
 
     def prune(self, before: float, chunk: int = PRUNE_CHUNK,
@@ -319,6 +374,41 @@ class AuditLog:
             if n < chunk:
                 return removed
             time.sleep(pause)  # the writer takes the lock meanwhile (it is not fair)
+
+    def used_bytes(self) -> int:
+        """Bytes of the database file in use (free pages left by deletes are
+        reused by later writes, so they do not count)."""
+        with self._lock:
+            pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    def prune_to_size(self, max_bytes: int, chunk: int = PRUNE_CHUNK,
+                      pause: float = PRUNE_PAUSE) -> int:
+        """Delete the oldest entries until the database uses at most
+        ``max_bytes`` (``audit.max_bytes``); the number deleted.
+
+        Age alone bounded nothing: a client sending large requests fills any
+        disk within the retention, and a full disk stops the audit, which in
+        enforce mode refuses every change. The number of entries to delete is
+        estimated from the average entry, a chunk at a time, each chunk its
+        own transaction (as ``prune``), and measured again after each."""
+        removed = 0
+        while (used := self.used_bytes()) > max_bytes:
+            with self._lock:
+                count: int = self._db.execute("SELECT count(*) FROM audit").fetchone()[0]
+                if count == 0:
+                    return removed
+                want = -(-(used - max_bytes) * count // used)  # ceil: at least one
+                n: int = self._db.execute(
+                    "DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id "
+                    "LIMIT ?)", (min(max(want, 1), chunk),)).rowcount
+            removed += n
+            if n == 0:
+                return removed
+            time.sleep(pause)
+        return removed
 
     def close(self) -> None:
         """Finish the writes already queued, then close the database."""

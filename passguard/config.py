@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -161,6 +161,17 @@ class LimitsConfig:
     # Open HTTP connections at most (idle keep-alives included); more get 503.
     max_connections: int = 1024
     documents: Limits = field(default_factory=Limits)
+    # A connection that sends nothing for this long after it opens is closed:
+    # silent sockets held the connection cap's places for keepalive_timeout.
+    first_byte_timeout: float = 5.0
+    # /v1/check and /v1/admission requests a second per peer address from
+    # callers no token or client certificate vouches for (0: no limit), with
+    # bursts of up to unverified_burst; past it 429 and Retry-After.
+    unverified_rate: float = 10.0
+    unverified_burst: int = 50
+    # Loopback callers are the host itself (a local pipeline, the CLI): not
+    # limited unless this says so.
+    rate_limit_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +210,8 @@ class AuthConfig:
 @dataclass(frozen=True)
 class AuditConfig:
     retention: float = 90 * 86400.0
+    # The oldest entries go once the audit database uses more than this.
+    max_bytes: int = 256 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -643,7 +656,8 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
     lm = r.mapping(top.get("limits"), "limits",
                    {"max_body_bytes", "max_documents", "max_depth", "keepalive_timeout",
                     "body_timeout", "max_nodes", "max_scalar_bytes", "max_connections",
-                    "max_matches"})
+                    "max_matches", "first_byte_timeout", "unverified_rate",
+                    "unverified_burst", "rate_limit_loopback"})
     if lm is not None and lm:
         body = r.size(lm["max_body_bytes"], "limits.max_body_bytes") \
             if "max_body_bytes" in lm else None
@@ -674,6 +688,7 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
                              max_nodes=nodes or dl.max_nodes,
                              max_scalar_bytes=scalar or dl.max_scalar_bytes,
                              max_matches=matches or dl.max_matches),
+            **_caller_limits(lm, r),
         )
 
     auth = _auth(top.get("auth"), base_dir, r)
@@ -681,10 +696,16 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
         errors.add("listen", problem)
 
     audit = defaults.audit
-    ad = r.mapping(top.get("audit"), "audit", {"retention"})
+    ad = r.mapping(top.get("audit"), "audit", {"retention", "max_bytes"})
     if ad is not None and "retention" in ad and (
             ret := r.duration(ad["retention"], "audit.retention", 3600.0)) is not None:
-        audit = AuditConfig(retention=ret)
+        audit = replace(audit, retention=ret)
+    if ad is not None and "max_bytes" in ad and (
+            mb := r.size(ad["max_bytes"], "audit.max_bytes")) is not None:
+        if mb < 1024**2:
+            errors.add("audit.max_bytes", f"must be at least 1MiB, got {mb} bytes")
+        else:
+            audit = replace(audit, max_bytes=mb)
 
     dests = defaults.destinations
     dc = r.mapping(top.get("destinations"), "destinations", {"interval", "spread"})
@@ -927,6 +948,29 @@ def load(path: str | Path) -> Config:
 
 # Operator-owned files may list a whole fleet; request bodies keep the tight
 # default. Still bounded: an alias bomb in a target file is refused too.
+def _caller_limits(lm: dict[str, Any], r: _Reader) -> dict[str, Any]:
+    """The ``limits`` keys about connections and unverified callers that are set."""
+    out: dict[str, Any] = {}
+    if "first_byte_timeout" in lm and (
+            v := r.duration(lm["first_byte_timeout"], "limits.first_byte_timeout", 0.1)):
+        out["first_byte_timeout"] = v
+    if "unverified_rate" in lm:
+        rate = lm["unverified_rate"]
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not \
+                0 <= rate <= 1_000_000:
+            r.errors.add("limits.unverified_rate", "must be a number of requests a second "
+                         f"from 0 (no limit) to 1000000, got {_excerpt(rate)}")
+        else:
+            out["unverified_rate"] = float(rate)
+    if "unverified_burst" in lm and (
+            b := r.integer(lm["unverified_burst"], "limits.unverified_burst", 1, 1_000_000)):
+        out["unverified_burst"] = b
+    if "rate_limit_loopback" in lm and (
+            lb := r.boolean(lm["rate_limit_loopback"], "limits.rate_limit_loopback")) is not None:
+        out["rate_limit_loopback"] = lb
+    return out
+
+
 FILE_LIMITS = Limits(max_documents=10_000, max_depth=64, max_nodes=5_000_000)
 
 

@@ -17,10 +17,28 @@ import queue
 import threading
 from logging.handlers import QueueHandler
 
+from passguard.fields import log_safe
+
 #: Lines waiting for the writer at most (~1.5 MB of decision lines).
 MAX_QUEUED = 10_000
 #: How long the exit waits for the writer to write what is queued.
 STOP_SECONDS = 5.0
+
+
+class OneLine(logging.Filter):
+    """Each record's message made safe for a line of its own: control
+    characters escaped, length bounded (passguard.fields.log_safe). A newline
+    in a user name forged a whole log line; a 256 KiB name made a 600 KB one.
+    A traceback (``exc_info``) is the daemon's own text and keeps its lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: let the handler report it as usual
+            return True
+        record.msg = log_safe(message)
+        record.args = None
+        return True
 
 
 class DroppingQueueHandler(QueueHandler):
@@ -96,10 +114,11 @@ def log_off_the_loop(root: logging.Logger | None = None,
     root = root or logging.getLogger()
     q: queue.Queue[logging.LogRecord] = queue.Queue(max_queued)
     front = DroppingQueueHandler(q)
+    front.addFilter(OneLine())
     writer = Writer(q, list(root.handlers), front)
     root.handlers = [front]
     writer.start()
     return writer
 
 
-__all__ = ["MAX_QUEUED", "DroppingQueueHandler", "Writer", "log_off_the_loop"]
+__all__ = ["MAX_QUEUED", "DroppingQueueHandler", "OneLine", "Writer", "log_off_the_loop"]

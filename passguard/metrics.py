@@ -108,6 +108,23 @@ class Metrics:
             "passguard_http_connections_refused",
             "HTTP connections answered 503 and closed because limits.max_connections "
             "were open", registry=self.registry)
+        self.connections_silent = Counter(
+            "passguard_http_connections_silent",
+            "HTTP connections closed because they sent nothing within "
+            "limits.first_byte_timeout", registry=self.registry)
+        self.rate_limited = Counter(
+            "passguard_http_requests_rate_limited",
+            "Requests answered 429: a caller no token or client certificate vouches for "
+            "went past limits.unverified_rate", ["route"], registry=self.registry)
+        for route in ("/v1/check", "/v1/admission"):
+            self.rate_limited.labels(route)
+        self.audit_pruned = Counter(
+            "passguard_audit_pruned",
+            "Audit entries deleted: reason=age past audit.retention, reason=size to keep "
+            "the audit within audit.max_bytes (entries lost before their retention)",
+            ["reason"], registry=self.registry)
+        for reason in ("age", "size"):
+            self.audit_pruned.labels(reason)
         build = Gauge("passguard_build_info", "passguard version", ["version"],
                       registry=self.registry)
         build.labels(__version__).set(1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from passguard.errors import InputError
+from passguard.fields import NAME_BYTES, USER_BYTES, cap
 
 API_VERSION = "admission.k8s.io/v1"
 MAX_WARNING = 119
@@ -78,11 +79,14 @@ def parse_review(body: Any) -> AdmissionRequest:
     dry = req.get("dryRun", False)
     if not isinstance(dry, bool):
         raise InputError("AdmissionReview: request.dryRun must be true or false")
-    return AdmissionRequest(uid=uid, kind=str(kind.get("kind", "")), operation=op,
-                            username=username or "unknown", groups=tuple(groups), object=obj,
+    # The names go into the audit and the log: capped here, with the digest of
+    # the whole value (passguard.fields), whatever the body claims.
+    return AdmissionRequest(uid=uid, kind=cap(str(kind.get("kind", "")), NAME_BYTES),
+                            operation=op, username=cap(username or "unknown", USER_BYTES),
+                            groups=tuple(groups), object=obj,
                             old_object=old if op != "CREATE" else None, dry_run=dry,
-                            name=str(req.get("name") or ""),
-                            namespace=str(req.get("namespace") or ""))
+                            name=cap(str(req.get("name") or ""), NAME_BYTES),
+                            namespace=cap(str(req.get("namespace") or ""), NAME_BYTES))
 
 
 def documents(req: AdmissionRequest) -> list[Any]:

@@ -14,7 +14,9 @@ closed before the callback returns, so refused connections never hold a
 descriptor, and an admitted one is counted from that moment (before its
 protocol exists), so no batch can overshoot the cap. Admitted connections go
 to ``loop.connect_accepted_socket``; its failure (a TLS handshake that fails
-or times out) is seen here and the place is given back at once.
+or times out) is seen here and the place is given back at once. A connection
+on one of the probes' reserved places (``connections.Reserved``) is handled
+the same way, with a shorter handshake deadline.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import ssl as ssl_mod
 import time
 
 from passguard.errors import PassguardError
-from passguard.web.connections import ConnectionCap
+from passguard.web.connections import PROBE_DEADLINE, ConnectionCap, Reserved
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +142,11 @@ class Listener:
             if self._tls is None:
                 await self._loop.connect_accepted_socket(lambda: proto, conn)
             else:
+                # A probe's place is held PROBE_DEADLINE at most, handshake included.
+                timeout = min(self._handshake_timeout, PROBE_DEADLINE) \
+                    if isinstance(proto, Reserved) else self._handshake_timeout
                 await self._loop.connect_accepted_socket(
-                    lambda: proto, conn, ssl=self._tls,
-                    ssl_handshake_timeout=self._handshake_timeout)
+                    lambda: proto, conn, ssl=self._tls, ssl_handshake_timeout=timeout)
         except (Exception, asyncio.CancelledError) as exc:
             # A failed or timed-out handshake, or shutdown: the protocol never
             # saw the connection, so its place is given back here.

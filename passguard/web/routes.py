@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -18,12 +19,14 @@ from aiohttp import web
 from passguard.audit import AuditEntry
 from passguard.config import format_duration, parse_duration
 from passguard.errors import InputError
+from passguard.fields import NAME_BYTES, REQUESTER_BYTES, cap
 from passguard.gate import admission, service
 from passguard.gate.decide import Decision, decide, transport_word, via_of
 from passguard.gate.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
 from passguard.web import status_page
 from passguard.web.auth import TokenStore
+from passguard.web.ratelimit import PeerRateLimit, peer_key
 from passguard.yielding import FOREGROUND
 
 if TYPE_CHECKING:
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+RATE_LIMIT: web.AppKey[PeerRateLimit] = web.AppKey("rate_limit", PeerRateLimit)
 REQUESTER: web.RequestKey[str] = web.RequestKey("requester", str)
 ANONYMOUS = "anonymous"
 # Routes that change or reveal decisions: always behind the tokens when
@@ -40,6 +44,12 @@ TOKEN_ROUTES = ("/v1/check", "/v1/audit", "/-/reload")
 # Never behind a token: the kubelet's probes cannot send one, health reveals
 # nothing, and the API server authenticates the webhook (not itself) by TLS.
 OPEN_ROUTES = ("/-/healthy", "/-/ready", "/v1/admission")
+# Routes whose every request writes the audit: limited per peer for callers
+# no token or client certificate vouches for (limits.unverified_rate).
+GATE_ROUTES = ("/v1/check", "/v1/admission")
+#: The ``mesh`` label of a mesh passguard does not know (request-derived
+#: labels would let any caller add series to /metrics).
+OTHER_MESH = "other"
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -85,6 +95,29 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         resp.headers["WWW-Authenticate"] = f'Bearer realm="passguard", error="{error}"'
         return resp
     request[REQUESTER] = f"token:{name}" if name else (_peer_name(request) or ANONYMOUS)
+    result: web.StreamResponse = await handler(request)
+    return result
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """429 with Retry-After for an unverified peer past ``limits.unverified_rate``."""
+    if request.path in GATE_ROUTES and request[REQUESTER] == ANONYMOUS and \
+            request.remote is not None:
+        daemon = request.app[DAEMON]
+        limits = daemon.config.limits
+        key, loopback = peer_key(request.remote)
+        if limits.unverified_rate > 0 and (limits.rate_limit_loopback or not loopback):
+            wait = request.app[RATE_LIMIT].take(key, limits.unverified_rate,
+                                                limits.unverified_burst)
+            if wait > 0:
+                daemon.metrics.rate_limited.labels(request.path).inc()
+                resp = _error(429, f"too many requests from {key} without a token or client "
+                                   f"certificate (limits.unverified_rate: "
+                                   f"{limits.unverified_rate:g} a second, burst "
+                                   f"{limits.unverified_burst}); try again later")
+                resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+                return resp
     result: web.StreamResponse = await handler(request)
     return result
 
@@ -243,19 +276,24 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
     says why: a gate that decides unrecorded cannot be reviewed afterwards.
     """
     daemon = request.app[DAEMON]
+    snap = _snapshot(request)
+    states = daemon.mesh_states()
     body, decisions = await service.check_async(
-        docs, _snapshot(request), daemon.config.gate, daemon.mesh_states(), time.time(),
+        docs, snap, daemon.config.gate, states, time.time(),
         daemon.config.limits.documents.max_matches)
+    # The audit caps every field itself (AuditEntry.bounded).
+    peer = request.remote
     entries = [AuditEntry(source=source, requester=requester, mesh=d.mesh, mode=d.mode,
                           verdict=d.verdict, reasons=d.reasons,
                           documents=[{"kind": d.kind, "name": d.name, "digest": d.digest}],
                           evidence=d.evidence, evidence_json=d.evidence_json,
-                          dry_run=dry_run, break_glass=d.break_glass)
+                          dry_run=dry_run, break_glass=d.break_glass, peer=peer)
                for d in decisions]
     if not entries:
         entries = [AuditEntry(source=source, requester=requester, mesh=None,
                               mode=body["mode"], verdict=body["verdict"],
-                              reasons=list(body["warnings"]), documents=[], dry_run=dry_run)]
+                              reasons=list(body["warnings"]), documents=[], dry_run=dry_run,
+                              peer=peer)]
     try:
         await daemon.audit.record(entries)
     except Exception as exc:
@@ -270,10 +308,15 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
         else:
             body["warnings"].append(f"{problem}: this decision is not recorded")
     for d in decisions:
-        daemon.metrics.decisions.labels(d.mesh, d.verdict, d.mode).inc()
-    log.info("%s by %s: %s%s (%s)", source, requester, body["verdict"],
-             " [dry run]" if dry_run else "",
-             ", ".join(f"{d.kind} {d.name} in {d.mesh}: {d.verdict}" for d in decisions) or "-")
+        mesh = d.mesh if snap.for_mesh(d.mesh) or d.mesh in states else OTHER_MESH
+        daemon.metrics.decisions.labels(mesh, d.verdict, d.mode).inc()
+    # Fields capped here; control characters are escaped by the log handler
+    # (passguard.logqueue), and the whole line is bounded there too.
+    log.info("%s by %s from %s: %s%s (%s)", source, cap(requester, REQUESTER_BYTES), peer,
+             body["verdict"], " [dry run]" if dry_run else "",
+             ", ".join(f"{d.kind} {cap(d.name, NAME_BYTES)} in {cap(d.mesh, NAME_BYTES)}: "
+                       f"{d.verdict}" for d in decisions[:20])
+             + (f" and {len(decisions) - 20} more" if len(decisions) > 20 else "") or "-")
     return body, decisions
 
 
@@ -358,14 +401,24 @@ async def get_metrics(request: web.Request) -> web.Response:
     return resp
 
 
+def probe_answer(daemon: Daemon, path: str) -> tuple[int, str]:
+    """Status and text of ``/-/healthy`` or ``/-/ready``: shared by the
+    routes and the connection cap's reserved places (web/connections.py)."""
+    if path == "/-/healthy":
+        return 200, "passguard is healthy\n"
+    if daemon.store.snapshot.ready:
+        return 200, "passguard is ready\n"
+    return 503, "passguard is not ready: no scrape cycle finished yet\n"
+
+
 async def healthy(request: web.Request) -> web.Response:
-    return web.Response(text="passguard is healthy\n")
+    status, text = probe_answer(request.app[DAEMON], "/-/healthy")
+    return web.Response(status=status, text=text)
 
 
 async def ready(request: web.Request) -> web.Response:
-    if request.app[DAEMON].store.snapshot.ready:
-        return web.Response(text="passguard is ready\n")
-    return web.Response(status=503, text="passguard is not ready: no scrape cycle finished yet\n")
+    status, text = probe_answer(request.app[DAEMON], "/-/ready")
+    return web.Response(status=status, text=text)
 
 
 async def post_reload(request: web.Request) -> web.Response:
@@ -388,8 +441,9 @@ def build_app(daemon: Daemon) -> web.Application:
     # No client_max_size: bodies are read by _read_limited, with the limit of
     # the running config.
     app = web.Application(middlewares=[foreground_middleware, errors_middleware,
-                                       auth_middleware])
+                                       auth_middleware, rate_limit_middleware])
     app[DAEMON] = daemon
+    app[RATE_LIMIT] = PeerRateLimit()
     app.router.add_get("/", index)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/-/healthy", healthy)

@@ -118,6 +118,7 @@ ALERT_UNDERLYING: dict[str, list[str]] = {
         "(increase(passguard_passthrough_blocked_connections_total[10m]))",
         "passguard_passthrough_blocked_connections_total",
     ],
+    "PassguardAuditPrunedBySize": ['passguard_audit_pruned_total{reason="size"}'],
 }
 
 

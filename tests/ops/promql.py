@@ -47,6 +47,8 @@ DESIGN_METRICS = frozenset(
         "passguard_gate_decisions_total",
         "passguard_config_reloads_total",
         "passguard_build_info",
+        # DESIGN §6
+        "passguard_audit_pruned_total",
     }
 )
 

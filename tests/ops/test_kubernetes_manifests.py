@@ -224,8 +224,44 @@ def test_kustomization_lists_every_file_and_transforms_nothing() -> None:
 
 
 def test_no_other_files_in_the_folder() -> None:
-    others = [p.name for p in KUBE_DIR.iterdir() if p.suffix != ".yaml"]
+    others = [p.name for p in KUBE_DIR.iterdir() if p.suffix != ".yaml" and p != NETPOL_DIR]
     assert not others, f"config/kubernetes holds files kustomize would not apply: {others}"
+
+
+# -- the optional NetworkPolicy (docs/security.md, "Admission callers") -------------------
+
+NETPOL_DIR = KUBE_DIR / "networkpolicy"
+
+
+def test_the_optional_network_policy_is_a_component_of_its_one_file() -> None:
+    kz = yaml.safe_load((NETPOL_DIR / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert kz == {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
+                  "resources": ["networkpolicy.yaml"]}
+    assert sorted(p.name for p in NETPOL_DIR.iterdir()) == ["kustomization.yaml",
+                                                             "networkpolicy.yaml"]
+
+
+def test_the_optional_network_policy_admits_the_webhook_port_of_passguards_pods() -> None:
+    """Valid Kubernetes, in the namespace, selecting the Deployment's pods,
+    opening only the container port the Service and the webhook use."""
+    kv = kubernetes_validate()
+    [policy] = [d for d in yaml.load_all((NETPOL_DIR / "networkpolicy.yaml").read_text(
+        encoding="utf-8"), Loader=_UniqueKeyLoader) if d]
+    try:
+        kv.validate(policy, KUBERNETES_VERSION, strict=True)
+    except kv.ValidationError as exc:
+        pytest.fail(f"networkpolicy.yaml is not a valid NetworkPolicy: {exc}")
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    spec = policy["spec"]
+    pod_labels = deployment()["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    [rule] = spec["ingress"]
+    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+    assert [(p["protocol"], ports.get(p["port"], p["port"])) for p in rule["ports"]] == [
+        ("TCP", CONTAINER_PORT)]
+    sources = {next(iter(f)) for f in rule["from"]}
+    assert sources == {"ipBlock", "namespaceSelector"}  # the API server; pipelines, Prometheus
 
 
 def test_objects_are_unique_and_in_the_passguard_namespace() -> None:

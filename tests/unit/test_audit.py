@@ -237,3 +237,93 @@ def test_evidence_already_encoded_is_stored_as_it_is(tmp_path: Path) -> None:
     assert [e.evidence for e in newest] == [{"dataplanes": {"total": 3}},
                                           {"dataplanes": {"total": 2}}]
     log.close()
+
+
+# -- bounded fields, size, pages (issue 13, finding 2) --------------------------------------
+
+
+def _big(char: str, size: int = 256 * 1024) -> str:
+    return char * size
+
+
+def test_request_fields_are_capped_with_the_digest_of_the_whole_value(tmp_path: Path) -> None:
+    """User name, object name, mesh name and break-glass reason of 256 KiB
+    each were stored whole; now each is capped (253 / 256 / 1 KiB bytes)
+    and ends with the SHA-256 of what was sent."""
+    import hashlib
+
+    log = AuditLog(tmp_path / "a.db")
+    user, name, mesh, reason = _big("u"), _big("n"), _big("m"), _big("r")
+    e = AuditEntry(source="admission", requester=user, mesh=mesh, mode="enforce",
+                   verdict="allow", reasons=[_big("x")] * 500,
+                   documents=[{"kind": "Mesh", "name": name, "digest": "d"}],
+                   break_glass=reason, peer="127.0.0.1")
+    asyncio.run(log.record([e]))
+    [got], _ = log.query()
+    log.close()
+    assert e.id == got.id is not None
+    assert len(got.requester.encode()) <= 512  # the user name, and who vouched for it
+    assert got.mesh is not None and len(got.mesh.encode()) <= 253
+    assert len(got.documents[0]["name"].encode()) <= 253
+    assert got.break_glass is not None and len(got.break_glass.encode()) <= 1024
+    assert got.requester.endswith(f"[sha256:{hashlib.sha256(user.encode()).hexdigest()}]")
+    assert got.documents[0]["name"].endswith(
+        f"[sha256:{hashlib.sha256(name.encode()).hexdigest()}]")
+    assert len(got.reasons) == audit.MAX_REASONS + 1
+    assert all(len(r.encode()) <= 1024 for r in got.reasons)
+    assert got.peer == "127.0.0.1" and got.to_json()["peer"] == "127.0.0.1"
+    # The whole entry is now a few tens of KB, where it was over a megabyte.
+    assert len(str(got.to_json())) < 100_000
+
+
+def test_size_pruning_deletes_the_oldest_until_under_max_bytes(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.db")
+    evidence = {"pad": "e" * 4000}
+    asyncio.run(log.record([entry(n, evidence) for n in range(2000)]))
+    used = log.used_bytes()
+    assert used > 8 * 1024 * 1024
+    assert log.prune_to_size(used) == 0  # within the budget: nothing goes
+    removed = log.prune_to_size(4 * 1024 * 1024, pause=0)
+    assert log.used_bytes() <= 4 * 1024 * 1024
+    left = rows(tmp_path / "a.db")
+    log.close()
+    assert removed == 2000 - len(left) and 0 < len(left) < 1200
+    # Oldest first: what is left is the newest, without a gap.
+    assert [m for _, m in left] == [f"m{n}" for n in range(2000 - len(left), 2000)]
+
+
+def test_audit_pages_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """limit=1000 of 100 KB entries was a 100 MB page; now a page stops past
+    max_bytes and says where the next one starts, and every entry comes on
+    exactly one page."""
+    log = AuditLog(tmp_path / "a.db")
+    asyncio.run(log.record([entry(n, {"pad": "e" * 100_000}) for n in range(30)]))
+    seen: list[str | None] = []
+    cursor = None
+    pages = 0
+    while True:
+        page, cursor = log.query(limit=1000, before_id=cursor, max_bytes=500_000)
+        pages += 1
+        assert 1 <= len(page) <= 5
+        seen += [e.mesh for e in page]
+        if cursor is None:
+            break
+    log.close()
+    assert seen == [f"m{n}" for n in reversed(range(30))] and pages >= 6
+
+
+def test_an_audit_from_before_the_peer_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    db = sqlite3.connect(path)
+    db.executescript(audit._SCHEMA.replace(",\n    peer TEXT", ""))
+    db.execute("INSERT INTO audit (time, source, requester, mode, verdict, dry_run, reasons, "
+               "documents) VALUES (1, 'check', 'ci', 'enforce', 'allow', 0, '[]', '[]')")
+    db.commit()
+    db.close()
+    log = AuditLog(path)
+    asyncio.run(log.record([AuditEntry(source="check", requester="ci", mesh="m", mode="enforce",
+                                       verdict="allow", reasons=[], documents=[],
+                                       peer="192.0.2.1")]))
+    page, _ = log.query()
+    log.close()
+    assert [e.peer for e in page] == ["192.0.2.1", None]

@@ -23,8 +23,9 @@ import trustme
 from aiohttp import web
 
 from passguard import app, config
+from passguard.web import connections as connections_mod
 from passguard.web import listener as listener_mod
-from passguard.web.connections import ConnectionCap
+from passguard.web.connections import PROBE_RESERVE, ConnectionCap
 from passguard.web.listener import Listener
 
 
@@ -95,7 +96,7 @@ async def _hello(request: web.BaseRequest) -> web.Response:
 
 @contextlib.asynccontextmanager
 async def serving(limit: int, tls: ssl.SSLContext | None = None,
-                  handshake_timeout: float = 10.0
+                  handshake_timeout: float = 10.0, **cap_options: Any
                   ) -> AsyncIterator[tuple[Listener, ConnectionCap, list[int]]]:
     server = web.Server(_hello)
     refused = [0]
@@ -103,7 +104,7 @@ async def serving(limit: int, tls: ssl.SSLContext | None = None,
     def count() -> None:
         refused[0] += 1
 
-    cap = ConnectionCap(server, limit, on_refused=count)
+    cap = ConnectionCap(server, limit, on_refused=count, **cap_options)
     lst = await Listener.open(cap, "127.0.0.1", 0, backlog=100, tls=tls,
                               tls_handshake_timeout=handshake_timeout)
     try:
@@ -309,3 +310,118 @@ async def test_listens_on_every_address_of_the_host() -> None:
         named.close()
         await named.wait_closed()
         await server.shutdown(1)
+
+
+# -- idle sockets and probes (issue 13, finding 10) -----------------------------------------
+
+
+async def _send(port: int, request: bytes, tls: ssl.SSLContext | None = None) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def _probe(path: str) -> tuple[int, str]:
+    return (200, "passguard is healthy\n") if path == "/-/healthy" else (503, "not ready\n")
+
+
+async def test_a_connection_that_says_nothing_is_closed_after_first_byte_timeout() -> None:
+    silent = [0]
+
+    def count() -> None:
+        silent[0] += 1
+
+    async with serving(4, first_byte_timeout=0.3, on_silent=count) as (lst, cap, _):
+        port = lst.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await _settles(cap, 1)
+            start = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+            assert asyncio.get_running_loop().time() - start < 2
+        finally:
+            writer.close()
+        await _settles(cap, 0)
+        assert silent == [1]
+        # One that speaks in time is served as before.
+        assert (await _get("127.0.0.1", port)).endswith(b"hello")
+        assert silent == [1]
+
+
+async def test_probes_are_answered_while_idle_sockets_fill_the_cap() -> None:
+    """The finding: with max_connections 4, four idle sockets made /-/ready
+    answer 503 for keepalive_timeout. Now a probe gets a reserved place and
+    its answer; anything else there gets the cap's 503."""
+    async with serving(4, first_byte_timeout=30, probe=_probe) as (lst, cap, refused):
+        port = lst.sockets[0].getsockname()[1]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        try:
+            await _settles(cap, 4)
+            healthy = await _send(port, b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert healthy.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert healthy.endswith(b"\r\n\r\npassguard is healthy\n")
+            assert b"Connection: close" in healthy
+            ready = await _send(port, b"GET /-/ready?verbose=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert ready.startswith(b"HTTP/1.1 503 ") and ready.endswith(b"not ready\n")
+            head = await _send(port, b"HEAD /-/healthy HTTP/1.1\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK") and head.endswith(b"\r\n\r\n")
+            assert refused[0] == 0
+            other = await _send(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert other.startswith(b"HTTP/1.1 503") and b"limits.max_connections" in other
+            assert refused[0] == 1
+            # Silent sockets on the reserved places make room for a newer one.
+            lurkers = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+            try:
+                await asyncio.sleep(0.1)
+                assert cap.reserved <= PROBE_RESERVE
+                healthy = await _send(port, b"GET /-/healthy HTTP/1.1\r\n\r\n")
+                assert healthy.startswith(b"HTTP/1.1 200 OK")
+            finally:
+                for _, w in lurkers:
+                    w.close()
+            await _settles(cap, 4)  # the cap's own places were never touched
+        finally:
+            for _, w in idle:
+                w.close()
+        await _settles(cap, 0)
+        for _ in range(100):
+            if cap.reserved == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert cap.reserved == 0
+
+
+async def test_a_silent_reserved_place_is_given_back_at_its_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connections_mod, "PROBE_DEADLINE", 0.3)
+    async with serving(1, first_byte_timeout=30, probe=_probe) as (lst, cap, _):
+        port = lst.sockets[0].getsockname()[1]
+        _, held = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await _settles(cap, 1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # Given back with the cap's 503, as a connection past it gets at accept.
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 503") and b"limits.max_connections" in answer
+            writer.close()
+            assert cap.reserved == 0
+        finally:
+            held.close()
+
+
+async def test_probes_over_tls_while_the_cap_is_full(
+        tls_pair: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_ctx, client_ctx = tls_pair
+    async with serving(1, tls=server_ctx, first_byte_timeout=30, probe=_probe) as (
+            lst, cap, _):
+        port = lst.sockets[0].getsockname()[1]
+        _, held = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        try:
+            await _settles(cap, 1)
+            healthy = await _send(port, b"GET /-/healthy HTTP/1.1\r\n\r\n", client_ctx)
+            assert healthy.startswith(b"HTTP/1.1 200 OK")
+        finally:
+            held.close()

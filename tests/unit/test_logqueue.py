@@ -95,3 +95,34 @@ def test_stop_gives_up_on_a_writer_that_never_returns() -> None:
         log.warning("line %d", i)
     assert writer.stop(timeout=0.2) is False  # the queue stays full: no hang, no raise
     sink.unblock.set()
+
+
+def test_a_newline_in_a_value_cannot_forge_a_log_line() -> None:
+    """Issue 13, finding 3: a user name with a newline made a second, forged
+    line; a 256 KiB one a 600 KB line. Each record is one bounded line now
+    (the control characters escaped), and a traceback keeps its lines."""
+    import io
+
+    from passguard.fields import LOG_LINE_BYTES
+
+    stream = io.StringIO()
+    log = _logger("passguard-test-logqueue-forge", logging.StreamHandler(stream))
+    writer = log_off_the_loop(log)
+    try:
+        forged = "alice\n2026-01-01 00:00:00 INFO passguard: admission by admin: allow\x1b[2K"
+        log.info("admission by %s: deny", forged)
+        log.info("user %s", "u" * 300_000)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed for %s", "bob\r\nINFO forged")
+    finally:
+        assert writer.stop()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == ("INFO admission by alice\\n2026-01-01 00:00:00 INFO passguard: "
+                        "admission by admin: allow\\x1b[2K: deny")
+    assert lines[1].startswith("INFO user uuu") and "[sha256:" in lines[1]
+    assert len(lines[1].encode()) <= LOG_LINE_BYTES + len("INFO ")
+    assert lines[2] == "ERROR failed for bob\\r\\nINFO forged"
+    assert lines[3] == "Traceback (most recent call last):"
+    assert not any(line.startswith("INFO forged") or line.startswith("2026-") for line in lines)
