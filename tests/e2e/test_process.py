@@ -196,11 +196,19 @@ async def test_reload_good_and_bad_config(setup: tuple[Proc, EnvoyProcess, Envoy
     host, port = p.url.removeprefix("http://").rsplit(":", 1)
     held = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
     try:
-        await asyncio.sleep(0.2)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        async with asyncio.timeout(5):
-            answer = await reader.read()
-        writer.close()
+        # The daemon accepts the four on its next turns: asked until it has
+        # (bounded), a request is refused 503 by the full cap.
+        deadline = time.monotonic() + 5
+        while True:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /v1/meshes HTTP/1.1\r\nHost: passguard\r\n"
+                         b"Connection: close\r\n\r\n")
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+            writer.close()
+            if answer.startswith(b"HTTP/1.1 503") or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
         assert answer.startswith(b"HTTP/1.1 503") and b"of 4 (limits.max_connections)" in answer
     finally:
         for _, w in held:
