@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from passguard import config
+from passguard import __version__, config
 from passguard.gate.loader import load_documents
 from tests.kuma_fixtures import cross_check, kuma, own
 from tests.ops.promql import REPO
@@ -43,7 +43,7 @@ KUBERNETES_VERSION = "1.30"
 
 NAMESPACE = "passguard"
 APP_LABELS = {"app.kubernetes.io/name": "passguard"}
-IMAGE_PLACEHOLDER = "ghcr.io/example/passguard:0.1.0"
+IMAGE_PLACEHOLDER = f"localhost/passguard:{__version__}"
 CONFIG_PATH = "/etc/passguard/passguard.yaml"
 STATE_DIR = "/var/lib/passguard"
 CONTAINER_PORT = 9443
@@ -503,6 +503,10 @@ def test_deployment_replicas_image_and_args() -> None:
     assert c["image"] == IMAGE_PLACEHOLDER
     text = (KUBE_DIR / "deployment.yaml").read_text(encoding="utf-8")
     assert re.search(r"# REPLACE: placeholder image", text), "the placeholder must say so"
+    # The name is the one the Containerfile documents, at the version of the code.
+    containerfile = (REPO / "Containerfile").read_text(encoding="utf-8")
+    assert "Image name: localhost/passguard:<version>" in containerfile
+    assert "USER 65532:65532" in containerfile
     assert c["args"] == ["run", "-c", CONFIG_PATH]
     assert "command" not in c, "the image's entrypoint is the passguard console script"
 
