@@ -47,6 +47,9 @@ DESIGN_METRICS = frozenset(
         "passguard_gate_decisions_total",
         "passguard_config_reloads_total",
         "passguard_build_info",
+        # DESIGN §6: shadow policies
+        "passguard_shadow_would_block_connections_total",
+        "passguard_shadow_destinations",
     }
 )
 

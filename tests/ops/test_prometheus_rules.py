@@ -23,6 +23,7 @@ REQUIRED_ALERTS = {
     "PassguardTargetsStale",
     "PassthroughCircuitBreakerOverflow",
     "PassthroughTrafficBlocked",
+    "PassguardShadowWouldBlock",
 }
 SEVERITIES = {"critical", "warning", "info"}
 # level:metric:operations (https://prometheus.io/docs/practices/rules/)
