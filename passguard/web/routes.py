@@ -383,7 +383,8 @@ async def index(request: web.Request) -> web.Response:
     snap = _snapshot(request)
     html = status_page.render(snap, meshes_body(snap, daemon), daemon.config.scrape.interval,
                               destinations=destinations_body(snap),
-                              states=daemon.mesh_states())
+                              states=daemon.mesh_states(),
+                              extra=[shadow_routes.status_section(daemon)])
     return web.Response(text=html, content_type="text/html")
 
 

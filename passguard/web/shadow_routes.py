@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from html import escape
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -122,6 +123,36 @@ async def delete_shadow(request: web.Request) -> web.Response:
     if not await daemon.shadows.remove(name):
         return _error(404, f"no shadow named {name!r}")
     return web.json_response({"deleted": name})
+
+
+def status_section(daemon: Daemon) -> str:
+    """The status page's section: each shadow, what it would cut, how long clean."""
+    now, shadows = time.time(), daemon.shadows
+    rows = [shadows.summary(s, daemon.config.window, now, _blocks_unproven(daemon))
+            for _, s in sorted(shadows.items.items())]
+    parts = ["<section id=shadows>", f"<h2>Shadow policies ({len(rows)})</h2>"]
+    if not rows:
+        parts.append("<p class=muted>No shadow policy: <code>passguard shadow add NAME -f "
+                     "FILE</code> rehearses one on live traffic.</p>")
+    else:
+        parts.append("<table><thead><tr><th>shadow</th><th>meshes</th>"
+                     "<th class=num>would block</th><th class=num>unproven</th>"
+                     "<th class=num>destinations cut in window</th><th>clean since</th>"
+                     "</tr></thead><tbody>")
+        for r in rows:
+            tag = "allow" if r["destinations_cut_in_window"] == 0 else "deny"
+            parts.append(
+                # A shadow name is a DNS label: nothing to quote in the URL.
+                f"<tr><td><a href='/v1/shadows/{escape(r['name'])}'>{escape(r['name'])}</a>"
+                "</td>"
+                f"<td>{escape(', '.join(r['meshes']))}</td>"
+                f"<td class=num>{r['would_block_connections']}</td>"
+                f"<td class=num>{r['unproven_connections']}</td>"
+                f"<td class=num><span class='tag {tag}'>{r['destinations_cut_in_window']}"
+                f"</span></td><td>{escape(str(r['clean_since']))}</td></tr>")
+        parts.append("</tbody></table>")
+    parts.append("</section>")
+    return "".join(parts)
 
 
 def register(app: web.Application) -> None:

@@ -60,7 +60,7 @@ def test_good_names(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["", "A", "-a", "a-", "a_b", "a.b", "x" * 64, "a/b", 5])
 def test_bad_names_name_the_field(name: object) -> None:
-    with pytest.raises(InputError, match="^name: "):
+    with pytest.raises(InputError, match=r"^name: "):
         check_name(name)
 
 
