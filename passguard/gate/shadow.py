@@ -18,6 +18,7 @@ shadow code imports the document parser from (it may move).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -135,7 +136,8 @@ def _is_ip(value: str) -> bool:
     return True
 
 
-def reached(address: str, routes: Sequence[str]) -> Reached:
+@functools.lru_cache(maxsize=65_536)
+def reached(address: str, routes: tuple[str, ...]) -> Reached:
     """The destination as the policy model sees it: ``ip:port``, and the
     transport and entry when a ``meshpassthrough_*`` cluster carried it (the
     same reading as ``gate.decide.via_of``, which imports the config)."""
@@ -178,7 +180,11 @@ def after_states(shadow: Shadow, mesh: str, state: MeshState | None,
         plan = plans.conservative(mesh, changes, targets, None,
                                   "no control plane lists this mesh")
     keys = {k for ks in plan.touched for k in ks}
-    return {k: plan.after[k] for k in keys if shrinks(plan.before[k], plan.after[k])}
+    # Equal after-states shared as one object: most dataplanes of a mesh get
+    # the same one, and ``evaluate`` remembers outcomes per object.
+    canon: dict[Effective, Effective] = {}
+    return {k: canon.setdefault(plan.after[k], plan.after[k])
+            for k in keys if shrinks(plan.before[k], plan.after[k])}
 
 
 # --------------------------------------------------------------------------- tallies
@@ -230,11 +236,19 @@ def evaluate(shadow: Shadow, after: Mapping[str, Effective], incs: Iterable[Incr
     (dataplane key → after-state, shrinking dataplanes only)."""
     tally = Tally(shadow.name, until)
     since = max(shadow.evaluated_until, shadow.created)
+    # (after-state, destination) → outcome: the same destination reached from
+    # many dataplanes with the same after-state is judged once (the objects
+    # live in ``after`` for the whole call, so their ids are stable).
+    memo: dict[tuple[int, str, tuple[str, ...]], tuple[Outcome, Reached]] = {}
     for inc in incs:
         eff = after.get(inc.key)
         if eff is None or not since < inc.t <= until:
             continue
-        outcome, r = classify(eff, inc)
+        mk = (id(eff), inc.address, inc.routes)
+        hit = memo.get(mk)
+        if hit is None:
+            hit = memo[mk] = classify(eff, inc)
+        outcome, r = hit
         k = (inc.mesh, inc.dataplane, inc.address)
         d = tally.destinations.get(k)
         if d is None:
