@@ -120,7 +120,7 @@ async def test_shadows_count_what_they_would_cut_and_survive_a_restart(
             text = await cli(url, "show", "narrow")
             assert f"127.0.0.1:{cut.port}" in text.stdout and "would have cut 1" in text.stdout
 
-            promote = await cli(url, "promote", "narrow", "--clean-for", "1s")
+            promote = await cli(url, "promote", "narrow", "--clean-for", "10m")
             assert promote.returncode == 1, promote
             assert f"127.0.0.1:{cut.port}" in promote.stderr and promote.stdout == ""
             promote = await cli(url, "promote", "covers", "--clean-for", "1s")
