@@ -37,8 +37,10 @@ from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
 from passguard.policy.model import MeshState
 from passguard.scraper import Scraper, ScrapeResult
 from passguard.sdnotify import Notifier
+from passguard.shadows import Shadows
 from passguard.sources.sourceset import SourceSet
 from passguard.store.persistence import StateDB
+from passguard.store.shadows import ShadowDB
 from passguard.store.snapshot import Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
@@ -101,6 +103,16 @@ def _open_state(path: Path) -> tuple[StateDB, AuditLog]:
                              f"{exc}") from None
 
 
+def _open_shadows(path: Path, db: StateDB, audit: AuditLog) -> Shadows:
+    try:
+        return Shadows(ShadowDB(path))
+    except (OSError, sqlite3.Error) as exc:
+        db.close()
+        audit.close()
+        raise PassguardError(f"state.path: cannot open the shadow tables in {path}: "
+                             f"{exc}") from None
+
+
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
@@ -117,6 +129,9 @@ class Daemon:
         self.sources = SourceSet(config)
         self.metrics = Metrics(lambda: self.store.snapshot,
                                lambda: [*self.sources.sources, *self.sources.prometheus])
+        self.shadows = _open_shadows(config.state_path, self.db, self.audit)
+        self.metrics.registry.register(self.shadows.collector(
+            lambda: {t.mesh for t in self.store.targets.values()}, lambda: self.config.window))
         self.tls = CertReloader(config.auth.tls, self._use_tls,
                                 lambda ok: self.metrics.tls_reloads.labels(
                                     "success" if ok else "failure").inc()) \
@@ -218,9 +233,20 @@ class Daemon:
             except Exception as exc:
                 self.metrics.persist_failures.inc()
                 log.error("could not write destinations to %s: %s", self.config.state_path, exc)
+            await self._evaluate_shadows(now, budget)
             views = await self.store.book.views_async(now - self.config.window, budget)
             await self.store.publish_async(replace(self.store.snapshot, destinations=views),
                                            budget, self._prepare)
+
+    async def _evaluate_shadows(self, now: float, budget: Budget) -> None:
+        """After the destinations are written (a crash in between evaluates
+        the same increments again, never counts one twice): see passguard/shadows.py."""
+        try:
+            await self.shadows.evaluate(self.store.book.all(), self.store.targets.values(),
+                                        self.mesh_states(), now, budget)
+        except Exception as exc:
+            self.metrics.persist_failures.inc()
+            log.error("could not evaluate shadows into %s: %s", self.config.state_path, exc)
 
     def _prepare(self, snap: Snapshot, mesh: str) -> None:
         service.prepare(snap, mesh, self.sources.mesh_states())
@@ -352,6 +378,7 @@ class Daemon:
         # must find its targets (each pass is bounded by its own timeout).
         await self.sources.discover()
         restored = await asyncio.to_thread(self.store.restore)
+        await asyncio.to_thread(self.shadows.restore)
         if restored:
             self._refresh_targets()
             self.store.build_snapshot(time.time())
@@ -444,6 +471,7 @@ class Daemon:
             await self._listener.wait_closed()
             self._listener = None
         await asyncio.to_thread(self.db.close)
+        await asyncio.to_thread(self.shadows.close)
         await asyncio.to_thread(self.audit.close)
         log.info("stopped")
 

@@ -443,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     tok_sub = tok.add_subparsers(dest="token_command", required=True)
     th = tok_sub.add_parser("hash", help="SHA-256 digest of a token read on stdin")
     th.set_defaults(func=cmd_token_hash)
+
+    from passguard import cli_shadow  # it imports this module's helpers
+
+    cli_shadow.register(sub)
     return p
 
 

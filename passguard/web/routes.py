@@ -24,7 +24,7 @@ from passguard.gate import admission, service
 from passguard.gate.decide import Decision, decide, transport_word, via_of
 from passguard.gate.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
-from passguard.web import status_page
+from passguard.web import shadow_routes, status_page
 from passguard.web.auth import TokenStore
 from passguard.web.ratelimit import PeerRateLimit, peer_key
 from passguard.yielding import FOREGROUND
@@ -40,7 +40,9 @@ ANONYMOUS = "anonymous"
 # Routes that change or reveal decisions: always behind the tokens when
 # tokens are configured. The admission route is authenticated by TLS (the
 # API server's client certificate) and may also carry a token.
-TOKEN_ROUTES = ("/v1/check", "/v1/audit", "/-/reload")
+TOKEN_ROUTES = ("/v1/check", "/v1/audit", "/-/reload", shadow_routes.PREFIX)
+# And everything under these (a path parameter follows).
+TOKEN_PREFIXES = (shadow_routes.PREFIX + "/",)
 # Never behind a token: the kubelet's probes cannot send one, health reveals
 # nothing, and the API server authenticates the webhook (not itself) by TLS.
 OPEN_ROUTES = ("/-/healthy", "/-/ready", "/v1/admission")
@@ -86,7 +88,8 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     if tokens is not None and presented:
         name = tokens.name_for(header[len("Bearer "):].strip())
     needs_token = tokens is not None and (
-        request.path in TOKEN_ROUTES or (daemon.config.auth.protect_metrics
+        request.path in TOKEN_ROUTES or request.path.startswith(TOKEN_PREFIXES)
+        or (daemon.config.auth.protect_metrics
                                          and request.path not in OPEN_ROUTES))
     if needs_token and name is None:
         error = "invalid_token" if presented else "invalid_request"
@@ -433,7 +436,8 @@ async def index(request: web.Request) -> web.Response:
     snap = _snapshot(request)
     html = status_page.render(snap, meshes_body(snap, daemon), daemon.config.scrape.interval,
                               destinations=destinations_body(snap),
-                              states=daemon.mesh_states())
+                              states=daemon.mesh_states(),
+                              extra=[shadow_routes.status_section(daemon)])
     return web.Response(text=html, content_type="text/html")
 
 
@@ -455,4 +459,5 @@ def build_app(daemon: Daemon) -> web.Application:
     app.router.add_post("/v1/check", post_check)
     app.router.add_post("/v1/admission", post_admission)
     app.router.add_get("/v1/audit", get_audit)
+    shadow_routes.register(app)
     return app

@@ -79,6 +79,9 @@ DASHBOARD_EXPECT: dict[str, str] = {
     "panel 'Config reloads' (id 23) refId A": "data",  # success/failure children exist at 0
     "panel 'Failed reloads (range)' (id 24) refId A": "data",
     "panel 'passguard instances by version' (id 25) refId A": "data",
+    # No shadow is registered in this stack: the queries must run, with no data.
+    "panel 'Connections shadows would have refused / s' (id 27) refId A": "empty",
+    "panel 'Destinations shadows would cut (evidence window)' (id 28) refId A": "empty",
 }
 
 #: Recording rules: every one must produce series once evaluated.
@@ -119,6 +122,9 @@ ALERT_UNDERLYING: dict[str, list[str]] = {
         "passguard_passthrough_blocked_connections_total",
     ],
     "PassguardAuditPrunedBySize": ['passguard_audit_pruned_total{reason="size"}'],
+    # No shadow in this stack (tests/e2e/test_shadows.py exercises them; the
+    # promtool cases in config/prometheus/rules.test.yml prove the expression).
+    "PassguardShadowWouldBlock": [],
 }
 
 

@@ -49,6 +49,9 @@ DESIGN_METRICS = frozenset(
         "passguard_build_info",
         # DESIGN §6
         "passguard_audit_pruned_total",
+        # DESIGN §6: shadow policies
+        "passguard_shadow_would_block_connections_total",
+        "passguard_shadow_destinations",
     }
 )
 

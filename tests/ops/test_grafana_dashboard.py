@@ -27,6 +27,8 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 # The metrics the dashboard must show (the brief's panel list).
 SHOWN = {
+    "passguard_shadow_would_block_connections_total",
+    "passguard_shadow_destinations",
     "passguard_passthrough_connections_total",
     "passguard_passthrough_active_connections",
     "passguard_passthrough_bytes_total",

@@ -24,6 +24,7 @@ REQUIRED_ALERTS = {
     "PassthroughCircuitBreakerOverflow",
     "PassthroughTrafficBlocked",
     "PassguardAuditPrunedBySize",
+    "PassguardShadowWouldBlock",
 }
 SEVERITIES = {"critical", "warning", "info"}
 # level:metric:operations (https://prometheus.io/docs/practices/rules/)
