@@ -399,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     tok_sub = tok.add_subparsers(dest="token_command", required=True)
     th = tok_sub.add_parser("hash", help="SHA-256 digest of a token read on stdin")
     th.set_defaults(func=cmd_token_hash)
+
+    from passguard import cli_verify  # imports this module: only once it is loaded
+
+    cli_verify.register(sub)
     return p
 
 

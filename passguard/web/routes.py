@@ -22,7 +22,7 @@ from passguard.gate import admission, service
 from passguard.gate.decide import Decision, decide, transport_word, via_of
 from passguard.gate.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
-from passguard.web import status_page
+from passguard.web import readiness_panel, status_page, verify_routes
 from passguard.web.auth import TokenStore
 from passguard.yielding import FOREGROUND
 
@@ -36,7 +36,7 @@ ANONYMOUS = "anonymous"
 # Routes that change or reveal decisions: always behind the tokens when
 # tokens are configured. The admission route is authenticated by TLS (the
 # API server's client certificate) and may also carry a token.
-TOKEN_ROUTES = ("/v1/check", "/v1/audit", "/-/reload")
+TOKEN_ROUTES = ("/v1/check", "/v1/audit", "/-/reload", *verify_routes.TOKEN_ROUTES)
 # Never behind a token: the kubelet's probes cannot send one, health reveals
 # nothing, and the API server authenticates the webhook (not itself) by TLS.
 OPEN_ROUTES = ("/-/healthy", "/-/ready", "/v1/admission")
@@ -380,7 +380,9 @@ async def index(request: web.Request) -> web.Response:
     snap = _snapshot(request)
     html = status_page.render(snap, meshes_body(snap, daemon), daemon.config.scrape.interval,
                               destinations=destinations_body(snap),
-                              states=daemon.mesh_states())
+                              states=daemon.mesh_states(),
+                              extra=[readiness_panel.render(
+                                  verify_routes.readiness_body(daemon, "3.0"))])
     return web.Response(text=html, content_type="text/html")
 
 
@@ -401,4 +403,5 @@ def build_app(daemon: Daemon) -> web.Application:
     app.router.add_post("/v1/check", post_check)
     app.router.add_post("/v1/admission", post_admission)
     app.router.add_get("/v1/audit", get_audit)
+    verify_routes.register(app)
     return app

@@ -333,13 +333,15 @@ def _destinations_section(destinations: Sequence[Mapping[str, Any]], now: float)
 
 def render(snap: Snapshot, meshes: Mapping[str, Any], interval: float, *,
            destinations: Sequence[Mapping[str, Any]] | None = None,
-           now: float | None = None, states: service.States | None = None) -> str:
+           now: float | None = None, states: service.States | None = None,
+           extra: Sequence[str] = ()) -> str:
     """The whole page.
 
     ``meshes`` is the ``GET /v1/meshes`` body (its ``verdict_if_disabled`` is the
     verdict shown); ``interval`` the scrape interval (the page refreshes at that
     pace, within 5–60 s); ``destinations`` the ``GET /v1/destinations`` items,
-    shown when given (None: no destinations section); ``now`` for tests."""
+    shown when given (None: no destinations section); ``now`` for tests;
+    ``extra``: more sections (HTML), after the destinations."""
     now = time.time() if now is None else now
     refresh = _refresh_seconds(interval)
     sections: list[str] = []
@@ -391,6 +393,7 @@ def render(snap: Snapshot, meshes: Mapping[str, Any], interval: float, *,
     parts.extend(sections)
     if destinations is not None:
         parts.append(_destinations_section(destinations, now))
+    parts.extend(extra)
     parts.append(
         f"<footer>passguard {_e(__version__)} · "
         "<a href='/metrics'>Prometheus metrics</a>"
