@@ -33,7 +33,7 @@ from passguard.envoy.names import parse_route
 from passguard.policy.effective import Effective, applies, effective
 from passguard.policy.model import Match, MeshFlag, MeshState, Policy, Proxy, TargetRef, Version
 from passguard.policy.reach import Reached
-from passguard.policy.select import selects, supported_kinds
+from passguard.policy.select import DISPLAY_NAME_LABEL, selects, supported_kinds
 from passguard.store.destinations import DestinationView
 from passguard.store.snapshot import DataplaneEvidence
 from passguard.targets import Target
@@ -408,6 +408,12 @@ def readiness(mesh: str, to: str, state: MeshState | None, stale: bool,
             res.notes.append(f"MeshPassthrough {p.name} uses targetRef kind "
                              f"{p.target_ref.kind}, which Kuma {to} refuses: its dataplanes "
                              "were judged without it")
+    for p in kept:
+        ref = p.target_ref
+        if ref.kind == "Dataplane" and (ref.name or ref.namespace) and not ref.labels:
+            res.notes.append(f"MeshPassthrough {p.name} selects Dataplane {ref.name or ''} by "
+                             f"name: Kuma {to} resolves Dataplane targets by labels only, so "
+                             "it selects nothing there (migrate it to labels)")
     res.rejected = rejected(policies, target)
     by_name = {d.target.dataplane: d for d in dataplanes}
     proxies = {p.name: p for p in state.proxies}
@@ -501,7 +507,14 @@ def _policy(doc: Mapping[str, Any]) -> Policy:
     matches = tuple(Match(m["type"], m["value"], m["port"], m["protocol"])
                     for m in default.get("appendMatch", ()))
     return Policy(doc["name"], doc["mesh"], default["passthroughMode"], matches,
-                  TargetRef(ref["kind"], ref.get("name")))
+                  TargetRef(ref["kind"], labels=dict(ref.get("labels", {}))))
+
+
+def _by_name(dataplane: str) -> dict[str, Any]:
+    """One dataplane, as 3.0 can select it: by labels only (UPGRADE.md "Real-resource
+    policy selection now uses labels only"); the control plane labels every
+    resource with its ``kuma.io/display-name``."""
+    return {"kind": "Dataplane", "labels": {DISPLAY_NAME_LABEL: dataplane}}
 
 
 def _label(name: str) -> str:
@@ -559,7 +572,7 @@ def _suggest(res: MeshReadiness, state: MeshState, kept: list[Policy], proxies: 
             # A mesh-wide None would also outrank a policy some other
             # dataplane has today: one per dataplane instead.
             docs = [_doc(mesh, f"{LOCKDOWN_NAME}-{_label(n)}", "None",
-                         {"kind": "Dataplane", "name": n}) for n in locked]
+                         _by_name(n)) for n in locked]
             changed = _changes(state, all_policies, [*all_policies, *map(_policy, docs)],
                                proxies, checks)
         res.keep_lockdown = docs
@@ -578,10 +591,10 @@ def _suggest(res: MeshReadiness, state: MeshState, kept: list[Policy], proxies: 
         if not entries:
             res.notes.append(f"{n}: no destination was observed, so no Matched policy can be "
                              "written for it; keep passthrough with passthroughMode All")
-            doc = _doc(mesh, f"{KEEP_NAME}-{_label(n)}", "All", {"kind": "Dataplane", "name": n})
+            doc = _doc(mesh, f"{KEEP_NAME}-{_label(n)}", "All", _by_name(n))
         else:
             doc = _doc(mesh, f"{KEEP_NAME}-{_label(n)}", "Matched",
-                       {"kind": "Dataplane", "name": n}, entries)
+                       _by_name(n), entries)
         pol = _policy(doc)
         px = next(p for p in proxies if p.name == n)
         still = []
