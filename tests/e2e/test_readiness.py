@@ -115,10 +115,12 @@ async def test_readiness_names_busy_dataplanes_no_policy_selects(
 
             url = f"http://127.0.0.1:{d.config.listen.port}"
             rc, out, err = await cli("upgrade-check", "--to", "3.0", "--server", url)
+            print(out)  # README shows this output (pytest -s)
             assert rc == 1, (out, err)
             assert "348b6528bc234b3c4bd7f22ad7c5bf950d6149fc" in out
             assert "mesh pay: NOT READY" in out and "web-1" in out
             rc, out, _ = await cli("upgrade-check", "--to", "3.0", "--server", url, "-o", "yaml")
+            print(out)
             docs = [x for x in yaml.safe_load_all(out) if x]
             assert {x["name"] for x in docs} == {"passguard-keep-lockdown", "passguard-keep-web-1"}
         finally:

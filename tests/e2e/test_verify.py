@@ -92,6 +92,7 @@ async def test_passthrough_off_makes_verify_exit_1_within_two_cycles(
         finally:
             stop.set()
             await app
+        print(out)  # docs/pipelines.md shows this output (pytest -s)
         assert rc == 1, (out, err)
         assert "REFUSED  pay/web-1:" in out and "refused (no route / no filter chain)" in out
         assert first and detected - first[0] <= 2 * INTERVAL + 3.0, detected - first[0]
@@ -106,6 +107,7 @@ async def test_passthrough_off_makes_verify_exit_1_within_two_cycles(
         await send_traffic(shop, echo_upstream, 2)
         rc, out, err = await cli("verify", "--server", daemon.url, "--since", f"{since}",
                                  "--mesh", "shop", "--for", "3s")
+        print(out)
         assert rc == 0, (out, err)
         assert out.startswith("CLEAN  no passthrough refusal on 1 dataplane(s) of shop")
         # A mesh passguard does not know is an error (2), named.
