@@ -86,11 +86,16 @@ def readiness_body(daemon: Daemon, to: str, mesh: str | None = None,
     results = []
     for m in meshes:
         state = states.get(m)
-        dps = snap.for_mesh(m)
-        r = rd.readiness(m, to, state, state is not None and state.stale(now), dps,
-                         snap.destinations_of(m), snap.window_seconds,
-                         inventory=any(d.origin == "scrape" for d in dps))
-        results.append(r.as_json())
+        stale = state is not None and state.stale(now)
+        # Once per snapshot and control-plane state: the status page asks on
+        # every refresh, and a big mesh takes milliseconds to judge.
+        key = ("readiness", to, m, id(state), stale)
+        if key not in snap.memo:
+            dps = snap.for_mesh(m)
+            snap.memo[key] = (state, rd.readiness(
+                m, to, state, stale, dps, snap.destinations_of(m), snap.window_seconds,
+                inventory=any(d.origin == "scrape" for d in dps)).as_json())
+        results.append(snap.memo[key][1])
     if any(r["status"] == "not_ready" for r in results):
         status = "not_ready"
     elif not results or any(r["status"] == "unknown" for r in results):
