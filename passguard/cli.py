@@ -444,9 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     th = tok_sub.add_parser("hash", help="SHA-256 digest of a token read on stdin")
     th.set_defaults(func=cmd_token_hash)
 
-    from passguard import cli_shadow  # it imports this module's helpers
+    # Both import this module's helpers: only once it is loaded.
+    from passguard import cli_shadow, cli_verify
 
     cli_shadow.register(sub)
+    cli_verify.register(sub)
     return p
 
 

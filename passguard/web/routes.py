@@ -24,7 +24,7 @@ from passguard.gate import admission, service
 from passguard.gate.decide import Decision, decide, transport_word, via_of
 from passguard.gate.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
-from passguard.web import shadow_routes, status_page
+from passguard.web import readiness_panel, shadow_routes, status_page, verify_routes
 from passguard.web.auth import TokenStore
 from passguard.web.ratelimit import PeerRateLimit, peer_key
 from passguard.yielding import FOREGROUND
@@ -40,7 +40,8 @@ ANONYMOUS = "anonymous"
 # Routes that change or reveal decisions: always behind the tokens when
 # tokens are configured. The admission route is authenticated by TLS (the
 # API server's client certificate) and may also carry a token.
-TOKEN_ROUTES = ("/v1/check", "/v1/audit", "/-/reload", shadow_routes.PREFIX)
+TOKEN_ROUTES = ("/v1/check", "/v1/audit", "/-/reload", shadow_routes.PREFIX,
+                *verify_routes.TOKEN_ROUTES)
 # And everything under these (a path parameter follows).
 TOKEN_PREFIXES = (shadow_routes.PREFIX + "/",)
 # Never behind a token: the kubelet's probes cannot send one, health reveals
@@ -437,7 +438,9 @@ async def index(request: web.Request) -> web.Response:
     html = status_page.render(snap, meshes_body(snap, daemon), daemon.config.scrape.interval,
                               destinations=destinations_body(snap),
                               states=daemon.mesh_states(),
-                              extra=[shadow_routes.status_section(daemon)])
+                              extra=[shadow_routes.status_section(daemon),
+                                     readiness_panel.render(
+                                         verify_routes.readiness_body(daemon, "3.0"))])
     return web.Response(text=html, content_type="text/html")
 
 
@@ -460,4 +463,5 @@ def build_app(daemon: Daemon) -> web.Application:
     app.router.add_post("/v1/admission", post_admission)
     app.router.add_get("/v1/audit", get_audit)
     shadow_routes.register(app)
+    verify_routes.register(app)
     return app

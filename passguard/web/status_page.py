@@ -341,7 +341,8 @@ def render(snap: Snapshot, meshes: Mapping[str, Any], interval: float, *,
     verdict shown); ``interval`` the scrape interval (the page refreshes at that
     pace, within 5–60 s); ``destinations`` the ``GET /v1/destinations`` items,
     shown when given (None: no destinations section); ``now`` for tests;
-    ``extra``: further sections, already HTML (shadow policies)."""
+    ``extra``: more sections, already HTML (shadow policies, 3.0 readiness),
+    after the destinations."""
     now = time.time() if now is None else now
     refresh = _refresh_seconds(interval)
     sections: list[str] = []
