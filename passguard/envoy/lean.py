@@ -35,6 +35,8 @@ from urllib.parse import quote, urlsplit
 from passguard.envoy.admin import FREE_BYTES, AdminClient
 from passguard.errors import ScrapeError
 
+#: Bytes of an unusable answer kept for the log (never shown by the API).
+FIRST_BYTES = 200
 #: The status line and headers of one answer (and its chunked trailers).
 MAX_HEAD = 64 * 1024
 #: One status, header, chunk-size or trailer line.
@@ -100,9 +102,26 @@ class ResponseParser:
     block is read. Bodies: Content-Length, chunked (extensions and trailers
     read and dropped), or until the close when the answer has neither."""
 
-    __slots__ = ("_body", "_buf", "_remaining", "_scan", "_state", "_trailer", "chunked",
-                 "content_length", "done", "encoding", "extra", "keep_alive", "max_body",
-                 "max_head", "max_line", "received", "status")
+    __slots__ = (
+        "_body",
+        "_buf",
+        "_remaining",
+        "_scan",
+        "_state",
+        "_trailer",
+        "chunked",
+        "content_length",
+        "done",
+        "encoding",
+        "extra",
+        "first",
+        "keep_alive",
+        "max_body",
+        "max_head",
+        "max_line",
+        "received",
+        "status",
+    )
 
     def __init__(self, max_body: int, max_head: int = MAX_HEAD, max_line: int = MAX_LINE) -> None:
         self.max_body = max_body
@@ -118,6 +137,9 @@ class ResponseParser:
         self.received = 0  # bytes fed, head included
         self._state = _HEAD
         self._buf = bytearray()  # an incomplete header block or line
+        # The start of the answer, kept for the log when it is not usable: what
+        # answers may be any service a Dataplane object points at.
+        self.first = bytearray()
         self._scan = 0  # where to resume looking for the end of it
         self._body = bytearray()
         self._remaining = 0  # of the Content-Length body or of the current chunk
@@ -136,6 +158,15 @@ class ResponseParser:
     def feed(self, data: bytes) -> bool:
         if not data:
             return self.done
+        if len(self.first) < FIRST_BYTES:
+            self.first += data[:FIRST_BYTES - len(self.first)]
+        try:
+            return self._feed(data)
+        except AnswerError as exc:
+            exc.answer = bytes(self.first)  # for the log only (ScrapeError.answer)
+            raise
+
+    def _feed(self, data: bytes) -> bool:
         self.received += len(data)
         if self.done:
             self.extra = True
@@ -554,7 +585,7 @@ class LeanClient:
             raise ScrapeError("the proxy closed the connection without answering"
                               f"{detail}") from None
         except AnswerError as exc:
-            raise ScrapeError(exc.message(path)) from None
+            raise ScrapeError(exc.message(path), exc.answer) from None
         except ScrapeError:
             raise
         except OSError as exc:
