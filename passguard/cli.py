@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -20,24 +19,27 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from email.message import Message
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
 
-from passguard import __version__
+from passguard import __version__, cli_shadow, cli_verify
 from passguard import config as config_mod
-from passguard.envoy.excerpt import for_log
+from passguard.cli_common import (
+    DEFAULT_SERVER,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REFUSED,
+    CliError,
+    Style,
+    _read_docs,
+    _server,
+    http,
+    table,
+)
+from passguard.documents import parse_resource
+from passguard.durations import format_duration
 from passguard.errors import ConfigError, InputError, PassguardError
 from passguard.gate import service
-from passguard.gate.documents import parse_resource
-from passguard.gate.loader import load_documents
-
-EXIT_OK, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2
-DEFAULT_SERVER = "http://127.0.0.1:9110"
-
-
-class CliError(PassguardError):
-    """An error the CLI reports as one line and exit code 2."""
 
 
 class JournalFormatter(logging.Formatter):
@@ -48,122 +50,6 @@ class JournalFormatter(logging.Formatter):
         prio = 3 if record.levelno >= logging.ERROR else 4 if record.levelno >= logging.WARNING \
             else 6 if record.levelno >= logging.INFO else 7
         return f"<{prio}>{record.name}: {super().format(record)}"
-
-
-# -- output helpers ----------------------------------------------------------------
-
-class Style:
-    def __init__(self, stream: TextIO) -> None:
-        self.on = stream.isatty() and os.environ.get("NO_COLOR") is None
-
-    def __call__(self, text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.on else text
-
-    def verdict(self, v: str) -> str:
-        return self(v.upper(), {"allow": "32", "warn": "33", "deny": "1;31"}.get(v, "0"))
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
-    for r in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return "\n".join(lines)
-
-
-# -- HTTP client -------------------------------------------------------------------
-
-def _server(args: argparse.Namespace) -> str:
-    return (args.server or os.environ.get("PASSGUARD_SERVER") or DEFAULT_SERVER).rstrip("/")
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Redirects are errors: followed, the request (and its bearer token)
-    would go to whichever host the Location names, not the one the user gave."""
-
-    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int,
-                         msg: str, headers: Message, newurl: str) -> urllib.request.Request | None:
-        fp.close()
-        raise CliError(f"{req.full_url}: HTTP {code} redirects to {for_log(newurl, 200)}; "
-                       "passguard does not follow redirects (the token must only go to the "
-                       "server given): use that URL as --server / PASSGUARD_SERVER if you "
-                       "trust it")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _opener(url: str, token: str | None) -> urllib.request.OpenerDirector:
-    """The server is the only host that sees a request: no redirect is
-    followed, and a token for a plain-HTTP server does not go through an
-    HTTP proxy from the environment (the proxy would read it; over https a
-    proxy only tunnels the encrypted stream)."""
-    parts = urllib.parse.urlsplit(url)
-    if token and parts.scheme == "http":
-        if not _is_loopback(parts.hostname or ""):
-            sys.stderr.write(f"passguard: warning: PASSGUARD_TOKEN is sent over plain HTTP to "
-                             f"{parts.hostname}: anyone on the network path can read it; use "
-                             "https://\n")
-        return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
-    return urllib.request.build_opener(_NoRedirect)
-
-
-def http(method: str, url: str, body: bytes | None = None,
-         content_type: str = "application/json", timeout: float = 30.0) -> tuple[int, Any]:
-    headers = {"Accept": "application/json", "User-Agent": f"passguard-cli/{__version__}"}
-    if body is not None:
-        headers["Content-Type"] = content_type
-    token = (os.environ.get("PASSGUARD_TOKEN") or "").strip() or None
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    if not url.startswith(("http://", "https://")):
-        raise CliError(f"server URL must start with http:// or https://, got {url!r}")
-    if "@" in url.split("//", 1)[1].split("/", 1)[0]:
-        # Never echoed: the user information is likely a password.
-        raise CliError("server URL must not carry user information (user:password@); "
-                       "set PASSGUARD_TOKEN for a token")
-    req = urllib.request.Request(url, data=body, method=method, headers=headers)  # noqa: S310
-    try:
-        with _opener(url, token).open(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CliError(f"cannot reach passguard at {url}: {reason}") from None
-    try:
-        data = json.loads(raw) if raw else None
-    except ValueError:
-        data = None
-    if status >= 300:  # a 3xx here is a redirect without a Location
-        detail = data.get("error") if isinstance(data, dict) else raw[:200].decode(errors="replace")
-        hint = " (set PASSGUARD_TOKEN)" if status in (401, 403) else ""
-        raise CliError(f"{url}: HTTP {status}: {detail}{hint}")
-    if data is None:
-        raise CliError(f"{url}: the answer is not JSON")
-    return status, data
-
-
-# -- check -------------------------------------------------------------------------
-
-def _read_docs(paths: list[str]) -> list[Any]:
-    docs: list[Any] = []
-    for p in paths:
-        try:
-            raw = sys.stdin.buffer.read() if p == "-" else Path(p).read_bytes()
-        except OSError as exc:
-            raise CliError(f"cannot read {p}: {exc.strerror or exc}") from None
-        try:
-            docs.extend(load_documents(raw))
-        except InputError as exc:
-            raise CliError(f"{'stdin' if p == '-' else p}: {exc}") from None
-    return docs
 
 
 def _pair_old(docs: list[Any], old_docs: list[Any]) -> list[Any]:
@@ -283,7 +169,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                      str(c["unknown"]), str(m["connections"]), str(m["active_connections"]),
                      str(m["blocked_connections"]), m["verdict_if_disabled"]])
     window = body.get("window_seconds")
-    sys.stdout.write(f"window: {config_mod.format_duration(window) if window else '-'}\n")
+    sys.stdout.write(f"window: {format_duration(window) if window else '-'}\n")
     if not rows:
         sys.stdout.write("no dataplanes known\n")
         return EXIT_OK
@@ -443,9 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
     tok_sub = tok.add_subparsers(dest="token_command", required=True)
     th = tok_sub.add_parser("hash", help="SHA-256 digest of a token read on stdin")
     th.set_defaults(func=cmd_token_hash)
-
-    # Both import this module's helpers: only once it is loaded.
-    from passguard import cli_shadow, cli_verify
 
     cli_shadow.register(sub)
     cli_verify.register(sub)

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from passguard import cli
-from passguard.config import format_duration, parse_duration
+from passguard import cli_common as cli
+from passguard.durations import format_duration, parse_duration
 
 MAX_ROWS = 20
 

@@ -23,8 +23,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from passguard import config as config_mod
-from passguard.cli import (
+from passguard.cli_common import (
     DEFAULT_SERVER,
     EXIT_ERROR,
     EXIT_OK,
@@ -35,6 +34,7 @@ from passguard.cli import (
     http,
     table,
 )
+from passguard.durations import format_duration, parse_duration
 from passguard.gate.readiness import without_nulls
 from passguard.verify import SinceError, parse_since, rfc3339
 
@@ -81,11 +81,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except SinceError as exc:
         raise CliError(f"--since: {exc}") from None
     try:
-        window = config_mod.parse_duration(args.for_) if args.for_ else 0.0
+        window = parse_duration(args.for_) if args.for_ else 0.0
     except ValueError as exc:
         raise CliError(f"--for: {exc}") from None
     if window > MAX_FOR:
-        raise CliError(f"--for: at most {config_mod.format_duration(MAX_FOR)}")
+        raise CliError(f"--for: at most {format_duration(MAX_FOR)}")
     deadline = since + window
     out, style = sys.stdout, Style(sys.stdout)
     url = _verify_url(args, since)

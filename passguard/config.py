@@ -16,55 +16,30 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from passguard.durations import excerpt as _excerpt
+from passguard.durations import format_duration, parse_duration
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, stats_filter
 from passguard.errors import ConfigError, InputError
-from passguard.gate.loader import Limits, load_documents
-from passguard.sources.kuma import KumaSourceConfig, Network
-from passguard.sources.prometheus import (
+from passguard.loader import Limits, load_documents
+from passguard.sources.settings import (
+    KumaSourceConfig,
+    Network,
     PrometheusLabels,
     PrometheusSourceConfig,
     check_config,
 )
-
-Mode = Literal["enforce", "warn", "audit"]
-Fallback = Literal["deny", "warn", "allow"]
-MODES: tuple[Mode, ...] = ("enforce", "warn", "audit")
-FALLBACKS: tuple[Fallback, ...] = ("deny", "warn", "allow")
-Unproven = Literal["deny", "warn"]
-UNPROVEN: tuple[Unproven, ...] = ("deny", "warn")
+from passguard.verdicts import (
+    FALLBACKS,
+    MODES,
+    UNPROVEN,
+    GateConfig,
+)
 
 # Bounded digit runs: no duration needs more, and longer ones overflow floats.
-_DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,9})?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d{1,12})\s*(B|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 # A label value ends up as a Prometheus label and in decision text.
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-
-def parse_duration(value: str) -> float:
-    """``"15s"`` → 15.0 seconds. Raises ValueError with the accepted form."""
-    m = _DURATION.match(value)
-    if not m:
-        raise ValueError(f"{_excerpt(value)} is not a duration (use e.g. 500ms, 15s, 15m, 1h, "
-                         "90d)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-
-def _excerpt(value: object) -> str:
-    """A value for an error message: quoted, and cut when it is long."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def format_duration(seconds: float) -> str:
-    """The inverse for messages: 900 → ``15m``, 90 → ``90s``, 5400 → ``90m``."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    if seconds == int(seconds):
-        return f"{int(seconds)}s"
-    return f"{seconds:g}s"
 
 
 @dataclass(frozen=True)
@@ -126,30 +101,6 @@ class EnvoySource:
 
 
 Source = EnvoySource | KumaSourceConfig | PrometheusSourceConfig
-
-
-@dataclass(frozen=True)
-class GatePolicy:
-    mode: Mode = "enforce"
-    on_insufficient_data: Fallback = "deny"
-    # Traffic the after-state may or may not keep (transport or name unknown).
-    on_unproven: Unproven = "deny"
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    mode: Mode = "enforce"
-    on_insufficient_data: Fallback = "deny"
-    meshes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    on_unproven: Unproven = "deny"
-
-    def policy_for(self, mesh: str) -> GatePolicy:
-        override = self.meshes.get(mesh, {})
-        mode = override.get("mode", self.mode)
-        fallback = override.get("on_insufficient_data", self.on_insufficient_data)
-        unproven = override.get("on_unproven", self.on_unproven)
-        return GatePolicy(mode=mode, on_insufficient_data=fallback,  # type: ignore[arg-type]
-                          on_unproven=unproven)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

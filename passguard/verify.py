@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from passguard.audit import AuditEntry
-from passguard.config import parse_duration
+from passguard.durations import parse_duration
 from passguard.store.snapshot import DataplaneEvidence
 from passguard.store.window import History
 from passguard.targets import Target

@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
-from passguard.config import GatePolicy, format_duration
+from passguard.documents import BREAK_GLASS, MODE_RANK, Change, Resource
+from passguard.durations import format_duration
 from passguard.envoy.names import parse_route
 from passguard.gate import plan as plans
-from passguard.gate.documents import BREAK_GLASS, MODE_RANK, Change, Resource
 from passguard.policy.effective import Effective
 from passguard.policy.model import Match, MeshState
 from passguard.policy.reach import Reached
 from passguard.store.destinations import DestinationView
 from passguard.store.snapshot import DataplaneEvidence
+from passguard.verdicts import GatePolicy
 
 Verdict = Literal["allow", "warn", "deny"]
 SEVERITY: dict[str, int] = {"allow": 0, "warn": 1, "deny": 2}

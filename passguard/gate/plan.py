@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from passguard.gate.documents import Change, Resource
+from passguard.documents import Change, Resource
 from passguard.policy.effective import Effective, effective
 from passguard.policy.model import MeshFlag, MeshState, Policy, Proxy, Version
 from passguard.policy.select import selects, supported_kinds

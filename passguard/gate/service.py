@@ -12,17 +12,17 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from passguard.config import GateConfig
-from passguard.gate.decide import Decision, Evidence, decide_mesh, judge_mesh, overall
-from passguard.gate.documents import (
+from passguard.documents import (
     DEFAULT_MAX_MATCHES,
     Change,
     Parsed,
     Resource,
     parse_documents,
 )
+from passguard.gate.decide import Decision, Evidence, decide_mesh, judge_mesh, overall
 from passguard.policy.model import MeshState
 from passguard.store.snapshot import Snapshot
+from passguard.verdicts import GateConfig
 
 States = Mapping[str, MeshState]
 

@@ -25,10 +25,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from passguard.documents import DEFAULT_MAX_MATCHES, Change, parse_documents
 from passguard.envoy.names import parse_route
 from passguard.errors import InputError
 from passguard.gate import plan as plans
-from passguard.gate.documents import DEFAULT_MAX_MATCHES, Change, parse_documents
 from passguard.policy.effective import Effective
 from passguard.policy.model import Match, MeshState
 from passguard.policy.reach import Reached

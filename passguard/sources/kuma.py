@@ -71,24 +71,22 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from fnmatch import fnmatchcase
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 
+from passguard.documents import Resource, parse_resource
 from passguard.envoy.excerpt import for_log
 from passguard.errors import InputError, PassguardError
-from passguard.gate.documents import Resource, parse_resource
 from passguard.policy.model import GatewayType, MeshFlag, MeshState, Policy, Proxy, Version
 from passguard.secretfile import read_secret
+from passguard.sources.settings import KumaSourceConfig, Network
 from passguard.targets import Target
 
 log = logging.getLogger(__name__)
 
-StatsMode = Literal["inspect", "kuma-dp"]
 StatsFormat = Literal["envoy", "prometheus"]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # kuma-dp's merged Prometheus endpoint (Mesh metrics backend defaults).
 DEFAULT_METRICS_PORT = 5670
@@ -115,30 +113,6 @@ class KumaApiError(PassguardError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class KumaSourceConfig:
-    url: str  # CP API base, e.g. https://kuma-cp:5682 (may carry a path prefix)
-    token_file: str | None = None
-    ca_file: str | None = None
-    insecure_skip_verify: bool = False
-    meshes: tuple[str, ...] = ("*",)
-    discovery_interval: float = 30.0
-    stats: StatsMode = "inspect"
-    timeout: float = 10.0  # per CP request
-    page_size: int = 100  # Kuma's default; its maximum is 1000
-    max_response_bytes: int = 64 * 1024 * 1024  # per page
-    kind: Literal["kuma"] = "kuma"
-    # A mesh not listed completely for this long is insufficient data to the
-    # gate; None: three discovery intervals.
-    stale_after: float | None = None
-    # `stats: kuma-dp`: the networks a dataplane's metrics address may be in
-    # (None: any IP literal but unspecified, multicast and link-local).
-    allowed_cidrs: tuple[Network, ...] | None = None
-
-    def wants(self, mesh: str) -> bool:
-        return any(fnmatchcase(mesh, pattern) for pattern in self.meshes)
 
 
 def ssl_context(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLContext:

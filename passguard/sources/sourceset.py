@@ -16,8 +16,9 @@ from ssl import SSLContext
 from passguard.config import Config, EnvoySource
 from passguard.policy.model import MeshState
 from passguard.scraper import Request
-from passguard.sources.kuma import KumaApiError, KumaSource, KumaSourceConfig, ssl_context
+from passguard.sources.kuma import KumaApiError, KumaSource, ssl_context
 from passguard.sources.prometheus import PrometheusSource
+from passguard.sources.settings import KumaSourceConfig
 from passguard.sources.static import StaticSource
 from passguard.store.snapshot import DataplaneEvidence
 from passguard.targets import Target

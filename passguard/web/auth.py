@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from passguard.errors import ConfigError, InputError
-from passguard.gate.loader import load_documents
+from passguard.loader import load_documents
 
 log = logging.getLogger(__name__)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -17,15 +17,23 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from passguard.audit import AuditEntry
-from passguard.config import format_duration, parse_duration
+from passguard.durations import parse_duration
 from passguard.errors import InputError
 from passguard.fields import NAME_BYTES, REQUESTER_BYTES, cap
 from passguard.gate import admission, service
 from passguard.gate.decide import Decision, decide, transport_word, via_of
-from passguard.gate.loader import load_documents
+from passguard.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
 from passguard.web import readiness_panel, shadow_routes, status_page, verify_routes
 from passguard.web.auth import TokenStore
+from passguard.web.common import (
+    ANONYMOUS,
+    DAEMON,
+    REQUESTER,
+    _error,
+    _read_body,
+    _snapshot,
+)
 from passguard.web.ratelimit import PeerRateLimit, peer_key
 from passguard.yielding import FOREGROUND
 
@@ -33,10 +41,7 @@ if TYPE_CHECKING:
     from passguard.app import Daemon
 
 log = logging.getLogger(__name__)
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 RATE_LIMIT: web.AppKey[PeerRateLimit] = web.AppKey("rate_limit", PeerRateLimit)
-REQUESTER: web.RequestKey[str] = web.RequestKey("requester", str)
-ANONYMOUS = "anonymous"
 # Routes that change or reveal decisions: always behind the tokens when
 # tokens are configured. The admission route is authenticated by TLS (the
 # API server's client certificate) and may also carry a token.
@@ -53,10 +58,6 @@ GATE_ROUTES = ("/v1/check", "/v1/admission")
 #: The ``mesh`` label of a mesh passguard does not know (request-derived
 #: labels would let any caller add series to /metrics).
 OTHER_MESH = "other"
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 def rfc3339(t: float | None) -> str | None:
@@ -159,45 +160,6 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error(500, "internal error (logged)")
-
-
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    """The (decoded) body, up to ``limit`` bytes. Read here rather than by
-    ``request.read()``, whose limit is fixed when the app is built: this one is
-    the running config's, so a reload changes it."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise web.HTTPRequestEntityTooLarge(limit, declared)
-    body = bytearray()
-    while chunk := await request.content.readany():
-        body += chunk
-        if len(body) > limit:
-            raise web.HTTPRequestEntityTooLarge(limit, len(body))
-    return bytes(body)
-
-
-async def _read_body(request: web.Request) -> bytes | web.Response:
-    """The request body, or a 408 for a client that sends it too slowly: a body
-    trickled a byte at a time would otherwise hold its connection forever."""
-    limits = request.app[DAEMON].config.limits
-    try:
-        async with asyncio.timeout(limits.body_timeout):
-            return await _read_limited(request, limits.max_body_bytes)
-    except TimeoutError:
-        resp = _error(408, "request body not received within "
-                           f"{format_duration(limits.body_timeout)} (limits.body_timeout)")
-        resp.force_close()
-        # Sent and closed here: left to aiohttp, the unread body would be
-        # drained ("lingering") for another 10 s at the client's pace.
-        await resp.prepare(request)
-        await resp.write_eof()
-        if request.transport is not None:
-            request.transport.close()
-        return resp
-
-
-def _snapshot(request: web.Request) -> Snapshot:
-    return request.app[DAEMON].store.snapshot.at(time.time())
 
 
 def verdict_if_disabled(snap: Snapshot, mesh: str, daemon: Daemon) -> str:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from passguard.config import parse_duration
+from passguard.durations import parse_duration
 from passguard.errors import InputError
-from passguard.gate.loader import load_documents
+from passguard.loader import load_documents
 from passguard.shadows import MAX_DAYS, Conflict
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ PREFIX = "/v1/shadows"
 
 
 def _daemon(request: web.Request) -> Daemon:
-    from passguard.web.routes import DAEMON  # routes imports this module
+    from passguard.web.common import DAEMON  # routes imports this module
 
     return request.app[DAEMON]
 
@@ -45,7 +45,7 @@ def _blocks_unproven(daemon: Daemon) -> Any:
 
 
 async def post_shadow(request: web.Request) -> web.Response:
-    from passguard.web.routes import REQUESTER, _read_body
+    from passguard.web.common import REQUESTER, _read_body
 
     daemon = _daemon(request)
     raw = await _read_body(request)

@@ -37,10 +37,11 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from passguard import __version__
-from passguard.config import GatePolicy, format_duration
+from passguard.durations import format_duration
 from passguard.gate import service
 from passguard.gate.decide import Decision, decide
 from passguard.store.snapshot import DataplaneEvidence, Snapshot
+from passguard.verdicts import GatePolicy
 
 __all__ = ["ANSWERS", "answer_for", "probe_decision", "render"]
 

@@ -30,7 +30,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _daemon(request: web.Request) -> Daemon:
-    from passguard.web.routes import DAEMON
+    from passguard.web.common import DAEMON
 
     return request.app[DAEMON]
 

@@ -43,7 +43,7 @@ import pytest
 
 from bench.fleet import assign_patterns, parse_mix
 from passguard.audit import audit_path
-from passguard.gate.documents import digest
+from passguard.documents import digest
 from tests.faults.harness import check, dataplanes, new_daemon, target
 from tests.faults.hostile import HostileProxies
 

@@ -37,12 +37,12 @@ import pytest
 
 from passguard import config as config_mod
 from passguard.app import Daemon
-from passguard.config import GatePolicy
 from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, send_traffic
+from passguard.documents import Change, Resource
 from passguard.gate.decide import Evidence, decide
-from passguard.gate.documents import Change, Resource
 from passguard.sources.prometheus import PrometheusSource, PrometheusSourceConfig
 from passguard.store.snapshot import DataplaneEvidence
+from passguard.verdicts import GatePolicy
 
 from .conftest import EnvoyFactory
 from .procs import Prometheus, require_binary

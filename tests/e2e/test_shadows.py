@@ -123,6 +123,8 @@ async def test_shadows_count_what_they_would_cut_and_survive_a_restart(
             promote = await cli(url, "promote", "narrow", "--clean-for", "10m")
             assert promote.returncode == 1, promote
             assert f"127.0.0.1:{cut.port}" in promote.stderr and promote.stdout == ""
+            # Clean since it was added: at least 1 s ago, however fast the above ran.
+            await asyncio.sleep(1.2)
             promote = await cli(url, "promote", "covers", "--clean-for", "1s")
             assert promote.returncode == 0, promote.stderr
             assert list(yaml.safe_load_all(promote.stdout)) == [matched("covers", kept, cut)]

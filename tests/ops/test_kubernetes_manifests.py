@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from passguard import __version__, config
-from passguard.gate.loader import load_documents
+from passguard.loader import load_documents
 from tests.kuma_fixtures import cross_check, kuma, own
 from tests.ops.promql import REPO
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from passguard import cli
+from passguard import cli, cli_common
 
 TOKEN = "tok-finding-9"
 MESHES = {"window_seconds": 900, "meshes": []}
@@ -131,10 +131,10 @@ def test_a_token_over_plain_http_skips_the_environment_proxy(
 ])
 def test_warning_for_a_token_over_plain_http(url: str, warned: bool,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    cli._opener(url, TOKEN)
+    cli_common._opener(url, TOKEN)
     err = capsys.readouterr().err
     assert ("warning: PASSGUARD_TOKEN is sent over plain HTTP" in err) is warned, err
-    cli._opener(url, None)
+    cli_common._opener(url, None)
     assert capsys.readouterr().err == ""  # no token, nothing to warn about
 
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from passguard.config import GatePolicy
+from passguard.documents import Change, Match, Resource, TargetRef
 from passguard.envoy.stats import Counters
 from passguard.gate.decide import Evidence, decide, overall
-from passguard.gate.documents import Change, Match, Resource, TargetRef
 from passguard.store.destinations import DestinationView
 from passguard.store.snapshot import DataplaneEvidence, State
 from passguard.targets import Target
+from passguard.verdicts import GatePolicy
 
 
 def dp(name: str, *, conns: int = 0, active: int = 0, state: State = "fresh",

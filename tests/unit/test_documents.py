@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from passguard.documents import parse_documents, parse_resource
 from passguard.errors import InputError
-from passguard.gate.documents import parse_documents, parse_resource
-from passguard.gate.loader import load_documents
+from passguard.loader import load_documents
 from tests.kuma_fixtures import cross_check, kuma, own
 
 

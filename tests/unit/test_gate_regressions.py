@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 
-from passguard.config import GateConfig, GatePolicy
+from passguard.documents import parse_documents
 from passguard.envoy.stats import Counters
 from passguard.gate import service
 from passguard.gate.decide import Evidence, decide_mesh
-from passguard.gate.documents import parse_documents
 from passguard.policy.model import MeshFlag, MeshState, Policy, Proxy, Version
 from passguard.store.destinations import DestinationView
 from passguard.store.snapshot import DataplaneEvidence, Snapshot
 from passguard.targets import Target
+from passguard.verdicts import GateConfig, GatePolicy
 
 MESH = "shop"
 ENFORCE = GatePolicy("enforce", "deny")

@@ -1,4 +1,4 @@
-"""Tests for passguard.gate.loader: strict, bounded YAML/JSON loading."""
+"""Tests for passguard.loader: strict, bounded YAML/JSON loading."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from passguard import loader as loader_module
 from passguard.errors import InputError
-from passguard.gate import loader as loader_module
-from passguard.gate.loader import MAX_NUMBER_CHARS, Limits, load_documents
+from passguard.loader import MAX_NUMBER_CHARS, Limits, load_documents
 from tests.kuma_fixtures import cross_check, kuma, own
 
 #: Every hostile input must be refused within this many seconds.

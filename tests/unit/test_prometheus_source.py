@@ -25,11 +25,10 @@ import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from passguard.config import GatePolicy
+from passguard.documents import Change, Resource
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN
 from passguard.envoy.stats import Counters
 from passguard.gate.decide import Evidence, decide
-from passguard.gate.documents import Change, Resource
 from passguard.sources.prometheus import (
     FACT,
     PART,
@@ -47,6 +46,7 @@ from passguard.sources.prometheus import (
     quote,
 )
 from passguard.store.snapshot import DataplaneEvidence
+from passguard.verdicts import GatePolicy
 
 NOW = 1_700_000_000.0
 WINDOW = 60.0

@@ -12,8 +12,8 @@ parser                                         may raise
 ``envoy.clusters.ClustersParser.parse``        ``ScrapeError``
 ``sources.kuma.parse_list_page``,              ``KumaApiError``
 ``parse_mesh_item``, ``parse_dataplane_item``
-``gate.loader.load_documents``                 ``InputError``
-``gate.documents.parse_documents``             ``InputError``
+``loader.load_documents``                 ``InputError``
+``documents.parse_documents``             ``InputError``
 ``gate.admission.parse_review``                ``InputError``
 ``config.build``                               ``ConfigError``
 ``web.auth.parse_tokens``                      ``ConfigError``
@@ -54,14 +54,14 @@ from hypothesis import strategies as st
 from bench.fleet import FLEET_GENERATIONS, PATTERNS, Template, make_spec
 from passguard.config import build
 from passguard.demo.sidecar import families_of
+from passguard.documents import parse_documents
 from passguard.envoy.clusters import ClustersParser
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, FAMILIES, stats_filter
 from passguard.envoy.promtext import PromStatsParser
 from passguard.envoy.stats import StatsParser
 from passguard.errors import ConfigError, InputError, ScrapeError
 from passguard.gate.admission import parse_review
-from passguard.gate.documents import parse_documents
-from passguard.gate.loader import load_documents
+from passguard.loader import load_documents
 from passguard.sources.kuma import (
     KumaApiError,
     is_online,
@@ -704,7 +704,7 @@ def test_json_fast_paths_never_change_the_outcome(value: object, ascii_only: boo
     """The loader skips its depth scan and its node/string walk when a body is
     too small for them to find anything; with small limits, the skipping and
     the full checks must agree on every body (errors included)."""
-    from passguard.gate import loader
+    from passguard import loader
 
     text = json.dumps(value, ensure_ascii=ascii_only)
     limits = loader.Limits(max_documents=5, max_depth=max_depth, max_nodes=max_nodes,

@@ -163,8 +163,8 @@ def test_the_chain_index_picks_what_envoys_rule_picks(entries: list[Match], ip: 
 
 
 def test_a_policy_over_the_match_limit_is_refused_naming_it() -> None:
+    from passguard.documents import parse_documents
     from passguard.errors import InputError
-    from passguard.gate.documents import parse_documents
 
     doc = {"type": "MeshPassthrough", "name": "big", "mesh": "m", "spec": {"default": {
         "passthroughMode": "Matched",

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from passguard.config import GateConfig
 from passguard.envoy.clusters import Destination as Seen
 from passguard.gate import service
 from passguard.store.persistence import StateDB
 from passguard.store.store import Store
 from passguard.targets import Target
+from passguard.verdicts import GateConfig
 from passguard.yielding import Budget
 
 

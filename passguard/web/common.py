@@ -1,0 +1,63 @@
+"""What the route modules share: the daemon's and the request's keys, the
+error body, the bounded request body and the snapshot as seen now."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from passguard.durations import format_duration
+from passguard.store.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from passguard.app import Daemon
+
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+REQUESTER: web.RequestKey[str] = web.RequestKey("requester", str)
+ANONYMOUS = "anonymous"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """The (decoded) body, up to ``limit`` bytes. Read here rather than by
+    ``request.read()``, whose limit is fixed when the app is built: this one is
+    the running config's, so a reload changes it."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(limit, declared)
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(limit, len(body))
+    return bytes(body)
+
+
+async def _read_body(request: web.Request) -> bytes | web.Response:
+    """The request body, or a 408 for a client that sends it too slowly: a body
+    trickled a byte at a time would otherwise hold its connection forever."""
+    limits = request.app[DAEMON].config.limits
+    try:
+        async with asyncio.timeout(limits.body_timeout):
+            return await _read_limited(request, limits.max_body_bytes)
+    except TimeoutError:
+        resp = _error(408, "request body not received within "
+                           f"{format_duration(limits.body_timeout)} (limits.body_timeout)")
+        resp.force_close()
+        # Sent and closed here: left to aiohttp, the unread body would be
+        # drained ("lingering") for another 10 s at the client's pace.
+        await resp.prepare(request)
+        await resp.write_eof()
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+
+
+def _snapshot(request: web.Request) -> Snapshot:
+    return request.app[DAEMON].store.snapshot.at(time.time())
