@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
-from passguard import __version__, cli_shadow, cli_verify
+from passguard import __version__, cli_init, cli_shadow, cli_verify
 from passguard import config as config_mod
 from passguard.cli_common import (
     DEFAULT_SERVER,
@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     th = tok_sub.add_parser("hash", help="SHA-256 digest of a token read on stdin")
     th.set_defaults(func=cmd_token_hash)
 
+    cli_init.register(sub)
     cli_shadow.register(sub)
     cli_verify.register(sub)
     return p
