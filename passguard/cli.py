@@ -36,6 +36,7 @@ from passguard.cli_common import (
     http,
     table,
 )
+from passguard.cli_progress import Progress
 from passguard.documents import parse_resource
 from passguard.durations import format_duration
 from passguard.errors import ConfigError, InputError, PassguardError
@@ -70,9 +71,11 @@ def _pair_old(docs: list[Any], old_docs: list[Any]) -> list[Any]:
 
 
 def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> dict[str, Any]:
+    from passguard.envoy.clusters import Destination
     from passguard.scraper import Scraper
     from passguard.sources.sourceset import SourceSet
     from passguard.store.store import Store
+    from passguard.targets import Target
 
     cfg = config_mod.load(cfg_path)
 
@@ -81,7 +84,9 @@ def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> di
         # one discovery, one scrape, one /clusters read.
         sources = SourceSet(cfg)
         scraper = Scraper(cfg)
+        progress = Progress()  # stderr, on a terminal only
         try:
+            progress.say("listing dataplanes…")
             await sources.discover()
             for s in sources.kuma:
                 if s.last_error:
@@ -89,13 +94,25 @@ def _standalone_check(cfg_path: str, docs: list[Any], old_docs: list[Any]) -> di
             store = Store(cfg.window, cfg.stale_after, since_start=True)
             store.set_targets(sources.targets())
             targets_now = list(store.targets.values())
-            store.record(await scraper.cycle(targets_now, sources.request_for))
+            progress.start(sum(not t.offline for t in targets_now), "stats", "destinations")
+            store.record(await scraper.cycle(targets_now, sources.request_for,
+                                             on_result=lambda _: progress.done("stats")))
             extra = await sources.collect(time.time())
-            # A one-shot read: nobody waits behind it, so no spreading.
-            reads = await scraper.clusters_pass(targets_now, sources.request_for)
+
+            # A one-shot read: nobody waits behind it, so no spreading. One
+            # pass per target, so each /clusters body (tens of MB through the
+            # inspect API) is counted as it ends.
+            async def clusters(t: Target) -> list[tuple[Target, float, list[Destination] | None,
+                                                         str | None]]:
+                read = await scraper.clusters_pass([t], sources.request_for)
+                progress.done("destinations")
+                return read
+
+            reads = [r for rs in await asyncio.gather(*map(clusters, targets_now)) for r in rs]
             store.record_destinations([(t, at, d) for t, at, d, _ in reads if d is not None])
             snap = store.build_snapshot(time.time(), extra)
         finally:
+            progress.clear()
             await scraper.close()
             await sources.close()
         body, _ = service.check(docs, old_docs, snap, cfg.gate, sources.mesh_states(),
