@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +58,17 @@ def _wait_ready(url: str, deadline: float) -> None:
     raise RuntimeError(f"passguard did not become ready at {url}")
 
 
+def _wait_destinations(url: str, deadline: float) -> None:
+    """Until the first destinations pass has seen the busy sidecar's upstream."""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(  # noqa: S310
+            url + "/v1/destinations", timeout=2
+        ) as r:
+            if json.load(r).get("destinations"):
+                return
+        time.sleep(0.5)
+
+
 async def _traffic(busy: EnvoyProcess, upstream: EchoUpstream, stop: asyncio.Event) -> int:
     """One real passthrough connection a second from the busy sidecar."""
     sent = 0
@@ -97,6 +109,9 @@ async def demo(port: int, duration: float | None, workdir: Path) -> int:
             "listen": f"127.0.0.1:{port}",
             "scrape": {"interval": "2s", "timeout": "1s"},
             "window": "1m",
+            # The daemon's default is 60s: the demo's status page would say
+            # "No external destination seen" for its first minute.
+            "destinations": {"interval": "3s"},
             "state": {"path": str(workdir / "passguard-state.db")},
             "sources": [
                 {
@@ -137,6 +152,7 @@ async def demo(port: int, duration: float | None, workdir: Path) -> int:
         try:
             await asyncio.to_thread(_wait_ready, server, time.monotonic() + 30)
             await asyncio.sleep(5)  # a few cycles: traffic has been seen since the first
+            await asyncio.to_thread(_wait_destinations, server, time.monotonic() + 15)
             for mesh in ("payments", "catalog"):
                 _say(f"passguard check: may mesh '{mesh}' set passthrough: false?")
                 res = await asyncio.to_thread(
@@ -153,6 +169,16 @@ async def demo(port: int, duration: float | None, workdir: Path) -> int:
                     f"(exit code {res.returncode}: "
                     f"{ {0: 'allowed', 1: 'refused'}.get(res.returncode, 'error') })"
                 )
+            _say("passguard destinations -o yaml: a MeshPassthrough keeping what was seen")
+            res = await asyncio.to_thread(_passguard, "destinations", "--server", server,
+                                          "--mesh", "payments", "-o", "yaml")
+            print(res.stdout + res.stderr, end="")
+            _say("passguard check: may that MeshPassthrough go in?")
+            res = await asyncio.to_thread(_passguard, "check", "-f", "-", "--server", server,
+                                          stdin=res.stdout)
+            print(res.stdout + res.stderr, end="")
+            print(f"(exit code {res.returncode}: "
+                  f"{ {0: 'allowed', 1: 'refused'}.get(res.returncode, 'error') })")
             _say("passguard status")
             res = await asyncio.to_thread(_passguard, "status", "--server", server)
             print(res.stdout + res.stderr, end="")
