@@ -157,7 +157,10 @@ def from_kumactl(path: Path, token_file: str | None, ca_file: str | None) -> Coo
     api = _get(coordinates, "apiServer", "api_server") if isinstance(coordinates, dict) else None
     if not isinstance(api, dict) or not isinstance(api.get("url"), str) or not api["url"]:
         raise CliError(f"{where}: control plane {cp_name!r} has no coordinates.apiServer.url")
-    origin = f"kumactl context {current!r}, {where}"
+    home = os.environ.get("HOME")
+    shown = ("~/" + str(path.relative_to(home)) if home and path.is_relative_to(home)
+             else where)
+    origin = f"kumactl context {current!r}, {shown}"
     notes = []
     token = None
     auth_type = _get(api, "authType", "auth_type") or ""
