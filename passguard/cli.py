@@ -22,17 +22,19 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
-from passguard import __version__, cli_shadow, cli_verify
+from passguard import __version__, cli_ops, cli_shadow, cli_verify
 from passguard import config as config_mod
 from passguard.cli_common import (
     DEFAULT_SERVER,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_REFUSED,
+    OUTPUTS,
     CliError,
     Style,
     _read_docs,
     _server,
+    emit,
     http,
     table,
 )
@@ -168,9 +170,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                        "application/yaml")
         if not isinstance(body, dict) or "allowed" not in body:
             raise CliError("the server's answer is not a passguard decision")
-    if args.output == "json":
-        json.dump(body, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+    if args.output in ("json", "yaml"):
+        emit(body, args.output)
     else:
         print_decision(body, sys.stdout)
     return EXIT_OK if body["allowed"] else EXIT_REFUSED
@@ -180,9 +181,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     _, body = http("GET", _server(args) + "/v1/meshes")
-    if args.output == "json":
-        json.dump(body, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+    if args.output in ("json", "yaml"):
+        emit(body, args.output)
         return EXIT_OK
     style = Style(sys.stdout)
     rows = []
@@ -331,12 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--old", action="append", help="the previous version of the documents")
     check.add_argument("--server", help=f"passguard URL (env PASSGUARD_SERVER; {DEFAULT_SERVER})")
     check.add_argument("-c", "--config", help="no server: scrape once with this config")
-    check.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    check.add_argument("-o", "--output", choices=OUTPUTS, default="text")
     check.set_defaults(func=cmd_check)
 
     status = sub.add_parser("status", help="per-mesh readiness")
     status.add_argument("--server")
-    status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    status.add_argument("-o", "--output", choices=OUTPUTS, default="text")
     status.set_defaults(func=cmd_status)
 
     dst = sub.add_parser("destinations", help="external destinations seen via passthrough")
@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_shadow.register(sub)
     cli_verify.register(sub)
+    cli_ops.register(sub, p)
     return p
 
 

@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("web", ("passguard.web.*",)),
     ("app", ("passguard.app", "passguard.demo.*")),
     ("cli", ("passguard.cli_common", "passguard.cli_shadow", "passguard.cli_verify",
+             "passguard.cli_ops",
              "passguard.cli", "passguard.__main__", "passguard")),
 ]
 #: What the pure parts may not import, even indirectly through passguard.
