@@ -303,6 +303,7 @@ class Daemon:
                 if announce:
                     self.notifier.ready()
                 return str(exc)
+            old_log_format = self.config.log.format
             await self._apply(new)
             self.tokens = tokens
             if self.tls is not None:
@@ -314,6 +315,9 @@ class Daemon:
                     self.tls.settle(await asyncio.to_thread(self.tls.poll))
             self.metrics.reloads.labels("success").inc()
             log.info("configuration reloaded from %s", self.config_path)
+            if new.log.format != old_log_format:
+                log.warning("log.format changed to %s: it applies at the next restart",
+                            new.log.format)
             if announce:
                 self.notifier.ready()
             return None
@@ -526,8 +530,9 @@ def _now_for_scheduler() -> object:
     return datetime.now(timezone.utc)  # noqa: UP017 - APScheduler 3 wants a tz-aware datetime
 
 
-def run(config_path: Path) -> int:
-    config = config_mod.load(config_path)
+def run(config_path: Path, config: config_mod.Config | None = None) -> int:
+    """Run the daemon; ``config`` when the caller has read ``config_path`` already."""
+    config = config or config_mod.load(config_path)
     daemon = Daemon(config, config_path)
     asyncio.run(daemon.run_forever())
     return 0

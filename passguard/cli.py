@@ -22,17 +22,19 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
-from passguard import __version__, cli_init, cli_shadow, cli_verify
+from passguard import __version__, cli_init, cli_ops, cli_shadow, cli_verify
 from passguard import config as config_mod
 from passguard.cli_common import (
     DEFAULT_SERVER,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_REFUSED,
+    OUTPUTS,
     CliError,
     Style,
     _read_docs,
     _server,
+    emit,
     http,
     table,
 )
@@ -41,16 +43,40 @@ from passguard.documents import parse_resource
 from passguard.durations import format_duration
 from passguard.errors import ConfigError, InputError, PassguardError
 from passguard.gate import service
+from passguard.logqueue import JsonFormatter
 
 
 class JournalFormatter(logging.Formatter):
     """Under systemd (``$JOURNAL_STREAM``): a ``<N>`` syslog priority prefix so
     ``journalctl -p warning`` works, and no timestamp (the journal has one)."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        prio = 3 if record.levelno >= logging.ERROR else 4 if record.levelno >= logging.WARNING \
+    @staticmethod
+    def priority(record: logging.LogRecord) -> int:
+        return 3 if record.levelno >= logging.ERROR else 4 if record.levelno >= logging.WARNING \
             else 6 if record.levelno >= logging.INFO else 7
-        return f"<{prio}>{record.name}: {super().format(record)}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.priority(record)}>{record.name}: {super().format(record)}"
+
+
+def _journal_prefix(record: logging.LogRecord) -> str:
+    return f"<{JournalFormatter.priority(record)}>"
+
+
+def _log_format(name: str) -> None:
+    """The root handlers' lines: text or one JSON object each; under systemd
+    with the ``<N>`` priority prefix journald strips (the message is then
+    the bare JSON object)."""
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    formatter: logging.Formatter
+    if name == "json":
+        formatter = JsonFormatter(_journal_prefix if journal else None)
+    elif journal:
+        formatter = JournalFormatter()
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
 
 
 def _pair_old(docs: list[Any], old_docs: list[Any]) -> list[Any]:
@@ -161,9 +187,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                        "application/yaml")
         if not isinstance(body, dict) or "allowed" not in body:
             raise CliError("the server's answer is not a passguard decision")
-    if args.output == "json":
-        json.dump(body, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+    if args.output in ("json", "yaml"):
+        emit(body, args.output)
     else:
         print_decision(body, sys.stdout)
     return EXIT_OK if body["allowed"] else EXIT_REFUSED
@@ -173,9 +198,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     _, body = http("GET", _server(args) + "/v1/meshes")
-    if args.output == "json":
-        json.dump(body, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+    if args.output in ("json", "yaml"):
+        emit(body, args.output)
         return EXIT_OK
     style = Style(sys.stdout)
     rows = []
@@ -293,9 +317,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from passguard.app import run
     from passguard.logqueue import log_off_the_loop
 
+    cfg = config_mod.load(args.config)
+    if args.log_format is None:  # the flag wins over log.format
+        _log_format(cfg.log.format)
     writer = log_off_the_loop()
     try:
-        return run(Path(args.config))
+        return run(Path(args.config), cfg)
     finally:
         writer.stop()  # what is still queued is written before the exit
 
@@ -306,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"passguard {__version__}")
     p.add_argument("--log-level", default=os.environ.get("PASSGUARD_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="log lines as text, or one JSON object each (default: log.format of "
+                   "the config for run, else text)")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the daemon")
@@ -318,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--old", action="append", help="the previous version of the documents")
     check.add_argument("--server", help=f"passguard URL (env PASSGUARD_SERVER; {DEFAULT_SERVER})")
     check.add_argument("-c", "--config", help="no server: scrape once with this config")
-    check.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    check.add_argument("-o", "--output", choices=OUTPUTS, default="text")
     check.set_defaults(func=cmd_check)
 
     status = sub.add_parser("status", help="per-mesh readiness")
     status.add_argument("--server")
-    status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    status.add_argument("-o", "--output", choices=OUTPUTS, default="text")
     status.set_defaults(func=cmd_status)
 
     dst = sub.add_parser("destinations", help="external destinations seen via passthrough")
@@ -350,15 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     cli_init.register(sub)
     cli_shadow.register(sub)
     cli_verify.register(sub)
+    cli_ops.register(sub, p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(JournalFormatter() if os.environ.get("JOURNAL_STREAM")
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.basicConfig(level=args.log_level.upper(), handlers=[logging.StreamHandler()],
+                        force=True)
+    _log_format(args.log_format or "text")
     # APScheduler logs every run at INFO: one line per interval drowns the journal.
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:

@@ -42,6 +42,23 @@ class Style:
         return self(v.upper(), {"allow": "32", "warn": "33", "deny": "1;31"}.get(v, "0"))
 
 
+#: ``-o`` of every command whose output is structured (DESIGN §6).
+OUTPUTS = ("text", "json", "yaml")
+
+
+def emit(body: Any, fmt: str, out: TextIO | None = None) -> None:
+    """``body`` as ``-o json`` (indented) or ``-o yaml`` (the same document,
+    keys in the server's order)."""
+    out = out or sys.stdout
+    if fmt == "json":
+        json.dump(body, out, indent=2)
+        out.write("\n")
+    else:
+        import yaml
+
+        out.write(yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]

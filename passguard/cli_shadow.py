@@ -36,8 +36,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     _, out = cli.http("POST", _url(args), body)
     for w in out.get("warnings", []):
         sys.stderr.write(f"passguard: warning: {w}\n")
-    if args.output == "json":
-        _json(out)
+    if args.output in ("json", "yaml"):
+        cli.emit(out, args.output)
     else:
         docs_words = ", ".join(f"{d['kind']} {d['name']} (mesh {d['mesh']})"
                                for d in out["documents"])
@@ -48,8 +48,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     _, out = cli.http("GET", _url(args))
-    if args.output == "json":
-        _json(out)
+    if args.output in ("json", "yaml"):
+        cli.emit(out, args.output)
         return cli.EXIT_OK
     items = out.get("shadows", [])
     if not items:
@@ -170,11 +170,11 @@ def register(sub: Any) -> None:
     add.add_argument("name")
     add.add_argument("-f", "--file", action="append", required=True,
                      help="Mesh/MeshPassthrough YAML or JSON (- for stdin); repeatable")
-    add.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    add.add_argument("-o", "--output", choices=cli.OUTPUTS, default="text")
     add.set_defaults(func=cmd_add)
 
     ls = common(s.add_parser("list", help="every shadow and its counts"))
-    ls.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    ls.add_argument("-o", "--output", choices=cli.OUTPUTS, default="text")
     ls.set_defaults(func=cmd_list)
 
     show = common(s.add_parser("show", help="what it would have cut, and since when it is "

@@ -166,6 +166,12 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    # text | json (passguard.logqueue.JsonFormatter); `--log-format` overrides it.
+    format: str = "text"
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 9110))
     scrape: ScrapeConfig = field(default_factory=ScrapeConfig)
@@ -179,6 +185,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     destinations: DestinationsConfig = field(default_factory=DestinationsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # Where the file was read from: relative paths in it are resolved
     # against its folder, so `passguard run -c /etc/passguard/x.yaml`
     # does not depend on the working directory systemd happens to use.
@@ -459,7 +466,7 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
     errors = _Errors()
     r = _Reader(errors)
     top = r.mapping(raw, "", {"listen", "scrape", "window", "state", "passthrough", "sources",
-                              "gate", "limits", "auth", "audit", "destinations"})
+                              "gate", "limits", "auth", "audit", "destinations", "log"})
     if top is None:
         raise ConfigError(errors.items)
     defaults = Config()
@@ -671,13 +678,22 @@ def build(raw: Any, base_dir: Path = Path(".")) -> Config:
                        f"({format_duration(scrape.timeout)}) must not exceed "
                        f"destinations.interval ({format_duration(dests.interval)})")
 
+    log_cfg = defaults.log
+    lc = r.mapping(top.get("log"), "log", {"format"})
+    if lc is not None and "format" in lc and (
+            lf := r.string(lc["format"], "log.format")) is not None:
+        if lf not in ("text", "json"):
+            errors.add("log.format", f"must be text or json, got {lf!r}")
+        else:
+            log_cfg = LogConfig(format=lf)
+
     if errors.items:
         raise ConfigError(errors.items)
     return Config(listen=listen, scrape=scrape, window=window, state_path=state_path,
                   passthrough_clusters=clusters, outbound_port=outbound_port,
                   sources=tuple(sources), gate=gate,
                   limits=limits, auth=auth, audit=audit, destinations=dests,
-                  base_dir=base_dir)
+                  log=log_cfg, base_dir=base_dir)
 
 
 def _is_api_url(url: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -282,8 +283,29 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
              body["verdict"], " [dry run]" if dry_run else "",
              ", ".join(f"{d.kind} {cap(d.name, NAME_BYTES)} in {cap(d.mesh, NAME_BYTES)}: "
                        f"{d.verdict}" for d in decisions[:20])
-             + (f" and {len(decisions) - 20} more" if len(decisions) > 20 else "") or "-")
+             + (f" and {len(decisions) - 20} more" if len(decisions) > 20 else "") or "-",
+             extra=_log_ids(request, entries))
     return body, decisions
+
+
+#: A caller's ``X-Request-Id`` goes into the decision's log line (JSON logs:
+#: ``request_id``) only in this shape: it is the caller's word, never escaped text.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def _log_ids(request: web.Request, entries: list[AuditEntry]) -> dict[str, object]:
+    """The ids a decision's log line carries: the audit entries' (``GET
+    /v1/audit`` shows them) and the caller's request id when it sent one."""
+    extra: dict[str, object] = {}
+    ids = [e.id for e in entries if e.id is not None]
+    if len(ids) == 1:
+        extra["decision_id"] = ids[0]
+    elif ids:
+        extra["decision_ids"] = ids[:100]
+    rid = request.headers.get("X-Request-Id", "")
+    if _REQUEST_ID.fullmatch(rid):
+        extra["request_id"] = rid
+    return extra
 
 
 async def post_check(request: web.Request) -> web.Response:

@@ -125,6 +125,19 @@ ALERT_UNDERLYING: dict[str, list[str]] = {
     # No shadow in this stack (tests/e2e/test_shadows.py exercises them; the
     # promtool cases in config/prometheus/rules.test.yml prove the expression).
     "PassguardShadowWouldBlock": [],
+    "PassguardAuditWriteFailing": [
+        "sum by (job, instance) (increase(passguard_audit_write_failures_total[10m]))"],
+    # This stack has no kuma or prometheus source, so no series: the promtool
+    # cases prove the expressions; tests/e2e/test_daemon_kuma.py and
+    # test_daemon_prometheus.py the metrics.
+    "PassguardKumaDiscoveryDown": [],
+    "PassguardPrometheusSourceDown": [],
+    "PassguardConfigReloadFailed": [
+        "sum by (job, instance) "
+        '(increase(passguard_config_reloads_total{outcome="failure"}[15m]))'],
+    "PassguardTLSCertificateReloadFailed": [
+        "sum by (job, instance) "
+        '(increase(passguard_tls_certificate_reloads_total{outcome="failure"}[15m]))'],
 }
 
 

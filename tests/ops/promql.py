@@ -52,11 +52,20 @@ DESIGN_METRICS = frozenset(
         # DESIGN §6: shadow policies
         "passguard_shadow_would_block_connections_total",
         "passguard_shadow_destinations",
+        # Not in DESIGN's table, exported by passguard/metrics.py: the
+        # operations alerts of issue 17 read them.
+        "passguard_audit_write_failures_total",
+        "passguard_kuma_discovery_up",
+        "passguard_prometheus_source_up",
+        "passguard_tls_certificate_reloads_total",
     }
 )
 
 #: Metrics that carry no `mesh` label (per process, not per mesh).
-PROCESS_METRICS = frozenset({"passguard_config_reloads_total", "passguard_build_info"})
+PROCESS_METRICS = frozenset({"passguard_config_reloads_total", "passguard_build_info",
+                             "passguard_audit_write_failures_total",
+                             "passguard_kuma_discovery_up", "passguard_prometheus_source_up",
+                             "passguard_tls_certificate_reloads_total"})
 
 #: Values for Grafana's built-in variables (a 15 s scrape interval, a 1 h range).
 GRAFANA_BUILTINS: Mapping[str, str] = {

@@ -25,7 +25,13 @@ REQUIRED_ALERTS = {
     "PassthroughTrafficBlocked",
     "PassguardAuditPrunedBySize",
     "PassguardShadowWouldBlock",
+    "PassguardAuditWriteFailing",
+    "PassguardKumaDiscoveryDown",
+    "PassguardPrometheusSourceDown",
+    "PassguardConfigReloadFailed",
+    "PassguardTLSCertificateReloadFailed",
 }
+RUNBOOKS = PROMETHEUS_DIR.parent.parent / "docs" / "runbooks.md"
 SEVERITIES = {"critical", "warning", "info"}
 # level:metric:operations (https://prometheus.io/docs/practices/rules/)
 RECORD_NAME = re.compile(r"^[a-z][a-z_]*:[a-z][a-z0-9_]*:[a-z][a-z0-9_]*$")
@@ -112,3 +118,20 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     names = set(alerts())
     assert names - fires == set(), "alerts never shown firing"
     assert names - quiet == set(), "alerts never shown quiet"
+
+
+def test_every_alert_links_its_section_of_the_runbooks() -> None:
+    """runbook_url is docs/runbooks.md#<alert in lower case>, and that
+    section exists with the three parts an on-call engineer looks for."""
+    text = RUNBOOKS.read_text(encoding="utf-8")
+    sections = {m.group(1): m.start() for m in re.finditer(r"^## (\w+)$", text, re.M)}
+    for name, rule in alerts().items():
+        assert rule["annotations"].get("runbook_url") == \
+            f"docs/runbooks.md#{name.lower()}", name
+        assert name in sections, f"docs/runbooks.md has no section ## {name}"
+        start = sections[name]
+        end = min([s for s in sections.values() if s > start], default=len(text))
+        body = text[start:end]
+        for part in ("**What it means.**", "**What to check.**", "**What to do.**"):
+            assert part in body, f"{name}: {part} missing in docs/runbooks.md"
+    assert set(sections) == set(alerts()), "a runbook section for an alert that does not exist"

@@ -282,3 +282,14 @@ def test_allowed_cidrs_only_with_kuma_dp(tmp_path: Path) -> None:
                        "    allowed_cidrs: [10.0.0.0/8]\n", tmp_path)
     assert errors == ["sources[0].allowed_cidrs: applies to stats: kuma-dp only (the addresses "
                       "of the dataplanes' metrics endpoints)"]
+
+
+def test_log_format(tmp_path: Path) -> None:
+    assert config.Config().log.format == "text"
+    p = tmp_path / "c.yaml"
+    p.write_text("log: {format: json}\n")
+    assert config.load(p).log.format == "json"
+    assert errors_of("log: {format: xml}", tmp_path) == [
+        "log.format: must be text or json, got 'xml'"]
+    assert errors_of("log: {level: debug}", tmp_path) == [
+        "log.level: unknown key (known keys: format)"]

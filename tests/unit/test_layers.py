@@ -39,8 +39,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("web", ("passguard.web.*",)),
     ("app", ("passguard.app", "passguard.demo.*")),
     ("cli", ("passguard.cli_common", "passguard.cli_init", "passguard.cli_progress",
-             "passguard.cli_shadow", "passguard.cli_verify", "passguard.cli",
-             "passguard.__main__", "passguard")),
+             "passguard.cli_shadow", "passguard.cli_verify", "passguard.cli_ops",
+             "passguard.cli", "passguard.__main__", "passguard")),
 ]
 #: What the pure parts may not import, even indirectly through passguard.
 PURE = ("passguard.gate.decide", "passguard.gate.plan", "passguard.gate.shadow",

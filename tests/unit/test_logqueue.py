@@ -126,3 +126,54 @@ def test_a_newline_in_a_value_cannot_forge_a_log_line() -> None:
     assert lines[2] == "ERROR failed for bob\\r\\nINFO forged"
     assert lines[3] == "Traceback (most recent call last):"
     assert not any(line.startswith("INFO forged") or line.startswith("2026-") for line in lines)
+
+
+def test_json_lines_are_one_object_each_with_ids_and_bounds() -> None:
+    """log.format: json: one JSON object per line, the same escaping and
+    bound as the text lines, the decision and request ids where given, and a
+    traceback under ``exception`` (formatted in the caller, as for text)."""
+    import io
+    import json
+
+    from passguard.fields import LOG_LINE_BYTES
+    from passguard.logqueue import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = _logger("passguard-test-logqueue-json", handler)
+    handler.setFormatter(JsonFormatter())
+    writer = log_off_the_loop(log)
+    try:
+        log.info("check by %s: deny", "alice\n{\"level\": \"info\"}\x1b[2K",
+                 extra={"decision_id": 42, "request_id": "req-1"})
+        log.warning("user %s", "u" * 300_000)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        assert writer.stop()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    first, long, failed = (json.loads(line) for line in lines)
+    assert first["message"] == 'check by alice\\n{"level": "info"}\\x1b[2K: deny'
+    assert (first["level"], first["logger"]) == ("info", "passguard-test-logqueue-json")
+    assert (first["decision_id"], first["request_id"]) == (42, "req-1")
+    assert first["time"].endswith("Z") and first["time"][10] == "T"
+    assert long["level"] == "warning" and "decision_id" not in long
+    assert len(long["message"].encode()) <= LOG_LINE_BYTES
+    assert failed["message"] == "failed"
+    assert failed["exception"].startswith("Traceback") and "ValueError: boom" in failed["exception"]
+
+
+def test_the_journal_prefix_comes_before_the_json_object() -> None:
+    import json
+
+    from passguard.cli import _journal_prefix
+    from passguard.logqueue import JsonFormatter
+
+    record = logging.makeLogRecord({"name": "passguard.app", "levelno": logging.ERROR,
+                                    "levelname": "ERROR", "msg": "x"})
+    line = JsonFormatter(_journal_prefix).format(record)
+    assert line.startswith("<3>{")
+    assert json.loads(line[3:])["message"] == "x"
