@@ -140,21 +140,34 @@ def http_problem(what: str, status: int, body: bytes, server: str | None = None,
 # --------------------------------------------------------------------------- reading
 
 
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int, who: str,
-                       setting: str | None = None,
+async def read_at_most(content: aiohttp.StreamReader, announced: int | None, limit: int,
+                       too_large: Callable[[int, bool], BaseException],
                        hold: Callable[[int], None] | None = None) -> bytes:
-    """The body, at most ``limit`` bytes (announced or sent). ``hold`` is told
-    how many bytes are held after each chunk (a shared budget may refuse)."""
-    if resp.content_length is not None and resp.content_length > limit:
-        raise HttpProblem(announced_over(who, resp.content_length, limit, setting))
+    """A body (an answer's or a request's) of at most ``limit`` bytes: over it,
+    announced or sent, ``too_large(size, announced)`` is raised. ``hold`` is
+    told how many bytes are held after each chunk (a shared budget may refuse)."""
+    if announced is not None and announced > limit:
+        raise too_large(announced, True)
     buf = bytearray()
-    async for chunk in resp.content.iter_chunked(CHUNK):
+    async for chunk in content.iter_chunked(CHUNK):
         buf += chunk
         if len(buf) > limit:
-            raise HttpProblem(sent_over(who, limit, setting))
+            raise too_large(len(buf), False)
         if hold is not None:
             hold(len(buf))
     return bytes(buf)
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int, who: str,
+                       setting: str | None = None,
+                       hold: Callable[[int], None] | None = None) -> bytes:
+    """An answer's body, at most ``limit`` bytes; HttpProblem over it, naming
+    ``who`` sent it and the ``setting`` that bounds it."""
+    def over(size: int, announced: bool) -> HttpProblem:
+        return HttpProblem(announced_over(who, size, limit, setting) if announced
+                           else sent_over(who, limit, setting))
+
+    return await read_at_most(resp.content, resp.content_length, limit, over, hold)
 
 
 @asynccontextmanager
