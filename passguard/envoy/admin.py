@@ -10,8 +10,6 @@ sending up to ``max_response_bytes`` would otherwise be 256 x 64 MiB.
 
 from __future__ import annotations
 
-import asyncio
-import re
 from collections.abc import Mapping
 from ssl import SSLContext
 from urllib.parse import urlsplit
@@ -19,8 +17,16 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from passguard.errors import ScrapeError
+from passguard.httpclient import (
+    FIRST_BYTES,
+    INVALID_URL,
+    MAX_RESPONSE_KEY,
+    HttpProblem,
+    exchange,
+    read_bounded,
+    words,
+)
 
-_CHUNK = 64 * 1024
 #: The first bytes of every answer are outside the shared budget: a filtered
 #: /stats (a few KiB) is never refused because big answers filled it, and
 #: those bytes are bounded by concurrency x 64 KiB (16 MiB) anyway.
@@ -61,55 +67,37 @@ class AdminClient:
         try:
             session, prefix = self._session_for(base)
         except ValueError as exc:  # urlsplit: "http://[::1" (an unclosed IPv6 literal)
-            raise ScrapeError(f"the target URL is not valid: {_words(str(exc))}") from None
-        url = prefix + path
+            raise ScrapeError(f"{INVALID_URL}: {words(str(exc))}") from None
+        charged = 0  # what this read holds of the shared budget
+
+        def hold(held: int) -> None:
+            nonlocal charged
+            more = max(0, held - FREE_BYTES) - charged
+            if more and self.buffered + more > self._max_buffered:
+                raise ScrapeError(f"{path}: the answers being read hold {self.buffered} bytes "
+                                  f"already, the {self._max_buffered}-byte budget "
+                                  "(scrape.max_buffered_bytes)")
+            self.buffered += more
+            charged += more
+
         try:
-            async with asyncio.timeout(timeout):
-                async with session.get(url, params=params, headers=headers,
-                                       allow_redirects=False,
-                                       ssl=ssl if ssl is not None else True) as resp:
-                    if resp.status != 200:
-                        # The body goes to the log only: what answers here may
-                        # be any service a Dataplane object points at.
-                        head = await resp.content.read(200)
-                        moved = " (redirects are not followed)" if 300 <= resp.status < 400 \
-                            else ""
-                        raise ScrapeError(f"HTTP {resp.status} from {path}{moved}", head)
-                    if resp.content_length is not None and resp.content_length > self._max_bytes:
-                        raise ScrapeError(f"{path} announced {resp.content_length} bytes, over the "
-                                          f"{self._max_bytes}-byte limit")
-                    buf = bytearray()
-                    charged = 0  # what this read holds of the shared budget
-                    try:
-                        async for chunk in resp.content.iter_chunked(_CHUNK):
-                            buf += chunk
-                            if len(buf) > self._max_bytes:
-                                raise ScrapeError(
-                                    f"{path} sent more than {self._max_bytes} bytes")
-                            more = max(0, len(buf) - FREE_BYTES) - charged
-                            if more and self.buffered + more > self._max_buffered:
-                                raise ScrapeError(
-                                    f"{path}: the answers being read hold {self.buffered} bytes "
-                                    f"already, the {self._max_buffered}-byte budget "
-                                    "(scrape.max_buffered_bytes)")
-                            self.buffered += more
-                            charged += more
-                        return buf.decode("utf-8", "replace")
-                    finally:
-                        self.buffered -= charged
-        except TimeoutError:
-            raise ScrapeError(f"no complete answer from {path} within {timeout:g}s") from None
-        except aiohttp.ClientResponseError as exc:
-            # The parser's message quotes the offending bytes (an SSH or Redis
-            # banner, a header): only its leading words are shown.
-            raise ScrapeError(f"bad HTTP answer from {path}: {_words(exc.message)}",
-                              exc.message) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ScrapeError(_describe(exc), str(exc)) from None
-        except ValueError as exc:
-            # yarl refuses the URL itself ("http://[127.0.0.1:1/x#]:5670"): one
-            # target's bad address, never the whole cycle's problem.
-            raise ScrapeError(f"the target URL is not valid: {_words(str(exc))}") from None
+            async with exchange(session, "GET", prefix + path, timeout=timeout, origin=base,
+                                server=path, params=params, headers=headers,
+                                ssl=ssl if ssl is not None else True) as resp:
+                if resp.status != 200:
+                    # The body goes to the log only: what answers here may
+                    # be any service a Dataplane object points at.
+                    head = await resp.content.read(FIRST_BYTES)
+                    moved = " (redirects are not followed)" if 300 <= resp.status < 400 else ""
+                    raise ScrapeError(f"HTTP {resp.status} from {path}{moved}", head)
+                try:
+                    body = await read_bounded(resp, self._max_bytes, path,
+                                              MAX_RESPONSE_KEY, hold)
+                finally:
+                    self.buffered -= charged
+                return body.decode("utf-8", "replace")
+        except HttpProblem as exc:
+            raise ScrapeError(str(exc), exc.answer) from None
 
     async def close(self) -> None:
         sessions = [s for s in (self._tcp, *self._unix.values()) if s is not None]
@@ -117,24 +105,3 @@ class AdminClient:
         for s in sessions:
             await s.close()
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the proxy closed the connection without answering"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"truncated or malformed body: {_words(text)}"
-    if isinstance(exc, aiohttp.InvalidURL):
-        return "the target URL is not valid"
-    return text
-
-
-# The leading words of a parser's message ("Bad status line", "Invalid
-# character in Content-Length"): aiohttp's messages go on to quote the bytes
-# they choked on, which belong to the answer, not to the reason.
-_WORDS = re.compile(r"[A-Za-z][A-Za-z0-9 ,\-]*")
-
-
-def _words(message: str) -> str:
-    m = _WORDS.match(message.strip())
-    return m.group(0).strip(" ,-") if m else "unreadable"

@@ -34,9 +34,14 @@ from urllib.parse import quote, urlsplit
 
 from passguard.envoy.admin import FREE_BYTES, AdminClient
 from passguard.errors import ScrapeError
+from passguard.httpclient import (
+    FIRST_BYTES,
+    MAX_RESPONSE_KEY,
+    announced_over,
+    no_answer,
+    sent_over,
+)
 
-#: Bytes of an unusable answer kept for the log (never shown by the API).
-FIRST_BYTES = 200
 #: The status line and headers of one answer (and its chunked trailers).
 MAX_HEAD = 64 * 1024
 #: One status, header, chunk-size or trailer line.
@@ -70,8 +75,8 @@ class AnswerError(ScrapeError):
 _MESSAGES: dict[str, str] = {
     "malformed": "bad HTTP answer from {path}: {detail}",
     "truncated": "truncated or malformed body from {path}: {detail}",
-    "too_large": "{path} sent more than {limit} bytes",
-    "announced": "{path} announced {detail}, over the {limit}-byte limit",
+    "too_large": sent_over("{path}", "{limit}", MAX_RESPONSE_KEY),
+    "announced": announced_over("{path}", "{detail}", "{limit}", MAX_RESPONSE_KEY),
     "status": "HTTP {detail} from {path} ({note} not read)",
     "closed": "the proxy closed the connection without answering {path}",
     "budget": "{path}: the answers being read hold {detail} bytes already, the {limit}-byte "
@@ -579,7 +584,7 @@ class LeanClient:
                 conn.abort()  # answered with close framing, or sent more than asked
             return text
         except TimeoutError:
-            raise ScrapeError(f"no complete answer from {path} within {timeout:g}s") from None
+            raise ScrapeError(no_answer(timeout, path)) from None
         except _Closed as exc:
             detail = f" ({exc.exc})" if exc.exc else ""
             raise ScrapeError("the proxy closed the connection without answering"

@@ -64,7 +64,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
 import ssl
 import time
@@ -79,8 +78,16 @@ import aiohttp
 from passguard.documents import Resource, parse_resource
 from passguard.envoy.excerpt import for_log
 from passguard.errors import InputError, PassguardError
+from passguard.httpclient import (
+    ClientTLS,
+    HttpProblem,
+    bearer,
+    exchange,
+    http_problem,
+    read_bounded,
+    secret,
+)
 from passguard.policy.model import GatewayType, MeshFlag, MeshState, Policy, Proxy, Version
-from passguard.secretfile import read_secret
 from passguard.sources.settings import KumaSourceConfig, Network
 from passguard.targets import Target
 
@@ -100,7 +107,6 @@ MAX_PAGES = 10_000
 LIST_ATTEMPTS = 3
 # Meshes listed at once: enough to hide latency, few enough not to load the CP.
 MESH_CONCURRENCY = 8
-_CHUNK = 64 * 1024
 _SERVICE_TAGS = ("kuma.io/service", "service")  # "service" before Kuma 0.4
 # appendMatch entries of one policy the CP lists: its own policies are not a
 # request's, but still bounded (a page is bounded by max_response_bytes too).
@@ -113,24 +119,6 @@ class KumaApiError(PassguardError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-def ssl_context(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLContext:
-    """The TLS client context for the CP: system roots, or ``ca_file`` alone
-    (Kuma's CP certificate is usually signed by a private CA), or no
-    verification at all when ``insecure_skip_verify`` says so on purpose.
-    Raises KumaApiError naming the file when ``ca_file`` cannot be used."""
-    if insecure_skip_verify:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    try:
-        return ssl.create_default_context(cafile=ca_file)
-    except FileNotFoundError:
-        raise KumaApiError(f"ca_file {ca_file}: no such file") from None
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        raise KumaApiError(f"ca_file {ca_file}: not a usable PEM CA bundle ({exc})") from None
 
 
 # --------------------------------------------------------------------------- wire format
@@ -528,8 +516,8 @@ class KumaSource:
         self._invalid: dict[str, str] = {}
         self._token: str | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._ssl: ssl.SSLContext | None = None
-        self._ssl_stamp: tuple[float, int] | None = None
+        self._tls = ClientTLS(cfg.ca_file, cfg.insecure_skip_verify)
+        self._ssl: ssl.SSLContext | bool = True
         self._lock = asyncio.Lock()
 
     # -- what the rest of passguard reads ----------------------------------
@@ -570,7 +558,7 @@ class KumaSource:
     @property
     def headers(self) -> dict[str, str]:
         """Headers for the CP (inspect endpoints), with the last token read."""
-        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        return bearer(self._token)
 
     def headers_for(self, target: Target) -> dict[str, str]:
         # Only the CP gets the token; kuma-dp endpoints live on dataplane
@@ -647,8 +635,12 @@ class KumaSource:
         self.last_success = time.time()
 
     async def _discover(self) -> list[str]:
-        self._token = self._read_token() if self.cfg.token_file else None
-        self._refresh_ssl()
+        try:
+            self._token = (secret(self.cfg.token_file, "token_file")
+                           if self.cfg.token_file else None)
+            self._ssl = self._tls.context() if self.base.startswith("https:") else True
+        except HttpProblem as exc:
+            raise KumaApiError(str(exc)) from None
         try:
             version = parse_index(await self._get_json("/", {}))
         except KumaApiError as exc:
@@ -728,29 +720,6 @@ class KumaSource:
 
     # -- HTTP --------------------------------------------------------------------
 
-    def _read_token(self) -> str:
-        path = self.cfg.token_file
-        assert path is not None
-        try:
-            return read_secret(path, "token_file")
-        except ValueError as exc:
-            raise KumaApiError(str(exc)) from None
-
-    def _refresh_ssl(self) -> None:
-        if not self.base.startswith("https:"):
-            return
-        stamp: tuple[float, int] | None = None
-        if self.cfg.ca_file and not self.cfg.insecure_skip_verify:
-            try:
-                st = os.stat(self.cfg.ca_file)
-                stamp = (st.st_mtime, st.st_size)
-            except OSError as exc:
-                raise KumaApiError(f"cannot read ca_file {self.cfg.ca_file}: "
-                                   f"{exc.strerror or exc}") from None
-        if self._ssl is None or stamp != self._ssl_stamp:
-            self._ssl = ssl_context(self.cfg.ca_file, self.cfg.insecure_skip_verify)
-            self._ssl_stamp = stamp
-
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # trust_env=False: an HTTP(S)_PROXY meant for the internet must not
@@ -763,27 +732,22 @@ class KumaSource:
         headers = {"Accept": "application/json", **self.headers}
         what = f"GET {path}"
         try:
-            async with asyncio.timeout(self.cfg.timeout):
-                async with self._http().get(
-                        self.base + path, params=params, headers=headers,
-                        ssl=self._ssl if self._ssl is not None else True,
-                        allow_redirects=False) as resp:
-                    body = await _read_limited(resp, self.cfg.max_response_bytes, what)
-                    if resp.status != 200:
-                        raise KumaApiError(_http_problem(what, resp.status, body,
-                                                         self.cfg.token_file), resp.status)
-        except TimeoutError:
-            raise KumaApiError(f"{what}: no complete answer from the Kuma CP within "
-                               f"{self.cfg.timeout:g}s") from None
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise KumaApiError(f"{what}: the CP's TLS certificate is not trusted "
-                               f"({exc.certificate_error}); set ca_file to the CA that "
-                               "signed it") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise KumaApiError(f"{what}: cannot connect to the Kuma CP at {self.base}: "
-                               f"{exc.os_error.strerror or exc.os_error}") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise KumaApiError(f"{what}: {type(exc).__name__}: {exc}") from None
+            async with exchange(self._http(), "GET", self.base + path, timeout=self.cfg.timeout,
+                                origin=self.base, server="the Kuma CP", what=what,
+                                params=params, headers=headers, ssl=self._ssl) as resp:
+                body = await read_bounded(resp, self.cfg.max_response_bytes, f"{what}: the CP",
+                                          "max_response_bytes")
+        except HttpProblem as exc:
+            raise KumaApiError(str(exc)) from None
+        if resp.status != 200:
+            hint = None
+            if resp.status == 401:
+                hint = (f"the CP refused the token from {self.cfg.token_file}"
+                        if self.cfg.token_file else "the CP wants a token: set token_file")
+            elif resp.status == 403:
+                hint = "the token lacks access to this resource"
+            raise KumaApiError(http_problem(what, resp.status, body, "the Kuma CP", hint),
+                               resp.status)
         try:
             return json.loads(body)
         except ValueError:
@@ -907,35 +871,4 @@ def _next_offset(next_url: str, where: str) -> int:
         return int(values[-1])
     except ValueError:
         raise KumaApiError(f"{where}: next {next_url!r} has a non-numeric offset") from None
-
-
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise KumaApiError(f"{what}: the CP announced {resp.content_length} bytes, over the "
-                           f"{limit}-byte limit")
-    buf = bytearray()
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        buf += chunk
-        if len(buf) > limit:
-            raise KumaApiError(f"{what}: the CP sent more than {limit} bytes")
-    return bytes(buf)
-
-
-def _http_problem(what: str, status: int, body: bytes, token_file: str | None) -> str:
-    detail = ""
-    with contextlib.suppress(ValueError, AttributeError):
-        doc = json.loads(body)
-        # Kuma's error shapes: {"title", "detail"} (2.x), {"title", "details"} (1.x).
-        parts = [doc.get(k) for k in ("title", "detail", "details")]
-        detail = ": ".join(str(p) for p in parts if isinstance(p, str) and p)
-    if not detail:
-        detail = body[:120].decode("utf-8", "replace").strip()
-    if status == 401:
-        hint = (f"the CP refused the token from {token_file}" if token_file
-                else "the CP wants a token: set token_file")
-        return f"{what}: HTTP 401 Unauthorized ({hint}){': ' + detail if detail else ''}"
-    if status == 403:
-        return (f"{what}: HTTP 403 Forbidden (the token lacks access to this resource)"
-                f"{': ' + detail if detail else ''}")
-    return f"{what}: HTTP {status} from the Kuma CP{': ' + detail if detail else ''}"
 

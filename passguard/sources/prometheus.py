@@ -102,11 +102,9 @@ of worker-thread time (off the event loop).
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import math
-import os
 import ssl
 import time
 from collections.abc import Mapping, Sequence
@@ -126,9 +124,14 @@ from passguard.envoy.names import (
 )
 from passguard.envoy.stats import Counters
 from passguard.errors import PassguardError
-from passguard.secretfile import read_secret
-from passguard.sources.kuma import KumaApiError
-from passguard.sources.kuma import ssl_context as kuma_ssl_context
+from passguard.httpclient import (
+    ClientTLS,
+    HttpProblem,
+    auth_headers,
+    exchange,
+    http_problem,
+    read_bounded,
+)
 from passguard.sources.settings import (
     PrometheusLabels,
     PrometheusSourceConfig,
@@ -145,7 +148,6 @@ log = logging.getLogger(__name__)
 # The subquery resolution is the scrape interval, but never more than this
 # many steps per range: Prometheus holds (series × steps) samples per query.
 MAX_STEPS = 240
-_CHUNK = 64 * 1024
 # Labels this module adds to tell the parts of a union query apart.
 PART = "passguard_part"
 FACT = "passguard_fact"
@@ -630,21 +632,6 @@ def _coverage(cfg: PrometheusSourceConfig, f: Mapping[str, float], d: _Dataplane
 # --------------------------------------------------------------------------- the source
 
 
-def _ssl_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
-    # The same client TLS rules as the Kuma source; only the error type differs.
-    try:
-        return kuma_ssl_context(ca_file, insecure)
-    except KumaApiError as exc:
-        raise PrometheusError(str(exc)) from None
-
-
-def _read_secret(path: str, key: str) -> str:
-    try:
-        return read_secret(path, key)
-    except ValueError as exc:
-        raise PrometheusError(str(exc)) from None
-
-
 class PrometheusSource:
     """Evidence from one Prometheus-compatible API.  ``collect(now)`` is one round
     (never raises on Prometheus problems); ``close()`` releases the HTTP session."""
@@ -671,8 +658,8 @@ class PrometheusSource:
         self.warnings: list[str] = []
         self._last: dict[str, DataplaneEvidence] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._tls = ClientTLS(cfg.ca_file, cfg.insecure_skip_verify)
         self._ssl: ssl.SSLContext | bool = True  # True: the system's roots
-        self._ssl_stamp: tuple[float, int] | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -727,8 +714,13 @@ class PrometheusSource:
         return out
 
     async def _round(self, now: float) -> RoundResult:
-        headers = self._headers()
-        self._refresh_ssl()
+        try:
+            headers = {"Accept": "application/json", **dict(self.cfg.headers),
+                       **auth_headers(self.cfg.token_file, self.cfg.username,
+                                      self.cfg.password_file)}
+            self._ssl = self._tls.context() if self.base.startswith("https:") else True
+        except HttpProblem as exc:
+            raise PrometheusError(str(exc)) from None
         q = self.queries
         try:
             # Concurrently; the first failure cancels the other two.
@@ -743,33 +735,6 @@ class PrometheusSource:
         return await asyncio.to_thread(
             build_evidence, self.cfg, window_rows, latest_rows, fact_rows, now=now,
             window=self.window, threshold=self.threshold)
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json", **dict(self.cfg.headers)}
-        if self.cfg.token_file:
-            headers["Authorization"] = "Bearer " + _read_secret(self.cfg.token_file, "token_file")
-        elif self.cfg.username and self.cfg.password_file:
-            password = _read_secret(self.cfg.password_file, "password_file")
-            pair = f"{self.cfg.username}:{password}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
-        return headers
-
-    def _refresh_ssl(self) -> None:
-        """The TLS context: built once, and again whenever ``ca_file`` changes."""
-        if not self.base.startswith("https:") or not (
-                self.cfg.ca_file or self.cfg.insecure_skip_verify):
-            return
-        stamp: tuple[float, int] | None = None
-        if self.cfg.ca_file and not self.cfg.insecure_skip_verify:
-            try:
-                st = os.stat(self.cfg.ca_file)
-            except OSError as exc:
-                raise PrometheusError(f"cannot read ca_file {self.cfg.ca_file}: "
-                                      f"{exc.strerror or exc}") from None
-            stamp = (st.st_mtime, st.st_size)
-        if self._ssl is True or stamp != self._ssl_stamp:
-            self._ssl = _ssl_context(self.cfg.ca_file, self.cfg.insecure_skip_verify)
-            self._ssl_stamp = stamp
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -787,25 +752,26 @@ class PrometheusSource:
                 "timeout": duration(self.cfg.timeout)}
         where = f"POST {self.query_url} ({what})"
         try:
-            async with asyncio.timeout(self.cfg.timeout + 1):
-                async with self._http().post(self.query_url, data=form, headers=headers,
-                                             ssl=self._ssl, allow_redirects=False) as resp:
-                    body = await _read_limited(resp, self.cfg.max_response_bytes, where)
-                    status = resp.status
-        except TimeoutError:
-            raise PrometheusError(f"{where}: no complete answer within "
-                                  f"{self.cfg.timeout:g}s") from None
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise PrometheusError(f"{where}: the TLS certificate is not trusted "
-                                  f"({exc.certificate_error}); set ca_file") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise PrometheusError(f"{where}: cannot connect: "
-                                  f"{exc.os_error.strerror or exc.os_error}") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise PrometheusError(f"{where}: {type(exc).__name__}: {exc}") from None
+            async with exchange(self._http(), "POST", self.query_url,
+                                timeout=self.cfg.timeout, grace=1, origin=self.base, what=where,
+                                data=form, headers=headers, ssl=self._ssl) as resp:
+                body = await read_bounded(resp, self.cfg.max_response_bytes,
+                                          f"{where}: Prometheus", "max_response_bytes")
+                status = resp.status
+        except HttpProblem as exc:
+            raise PrometheusError(str(exc)) from None
+        if status == 404:
+            raise PrometheusError(
+                f"{where}: HTTP 404: no Prometheus query API there; url must be the API base "
+                "(with the path prefix for Mimir/Thanos, e.g. http://mimir/prometheus)")
         if status != 200:
-            doc = await asyncio.to_thread(_json_or_none, body)
-            raise PrometheusError(_http_problem(where, status, doc, body, self.cfg))
+            hint = None
+            if status == 401:
+                hint = ("the token from token_file was refused" if self.cfg.token_file else
+                        "the basic auth credentials were refused" if self.cfg.username else
+                        "it wants credentials: set token_file, or username and password_file")
+            raise PrometheusError(await asyncio.to_thread(http_problem, where, status, body,
+                                                          None, hint))
         # Megabytes for a big mesh: decoded off the event loop (the gate's
         # HTTP server shares it).
         return await asyncio.to_thread(_decode, body, where)
@@ -830,39 +796,6 @@ def _json_or_none(body: bytes) -> Any:
         return json.loads(body)
     except ValueError:
         return None
-
-
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise PrometheusError(f"{what}: the answer announces {resp.content_length} bytes, over "
-                              f"the {limit}-byte limit (max_response_bytes)")
-    buf = bytearray()
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        buf += chunk
-        if len(buf) > limit:
-            raise PrometheusError(f"{what}: the answer is over the {limit}-byte limit "
-                                  "(max_response_bytes)")
-    return bytes(buf)
-
-
-def _http_problem(where: str, status: int, doc: Any, body: bytes,
-                  cfg: PrometheusSourceConfig) -> str:
-    detail = ""
-    if isinstance(doc, dict) and doc.get("status") == "error":
-        detail = f"{doc.get('errorType') or 'error'}: {doc.get('error')}"
-    if not detail:
-        detail = body[:160].decode("utf-8", "replace").strip()
-    if status == 401:
-        hint = ("the token from token_file was refused" if cfg.token_file else
-                "the basic auth credentials were refused" if cfg.username else
-                "it wants credentials: set token_file, or username and password_file")
-        return f"{where}: HTTP 401 Unauthorized ({hint}){': ' + detail if detail else ''}"
-    if status == 403:
-        return f"{where}: HTTP 403 Forbidden{': ' + detail if detail else ''}"
-    if status == 404:
-        return (f"{where}: HTTP 404: no Prometheus query API there; url must be the API base "
-                "(with the path prefix for Mimir/Thanos, e.g. http://mimir/prometheus)")
-    return f"{where}: HTTP {status}{': ' + detail if detail else ''}"
 
 
 __all__ = [

@@ -14,9 +14,10 @@ from dataclasses import replace
 from ssl import SSLContext
 
 from passguard.config import Config, EnvoySource
+from passguard.httpclient import HttpProblem, client_ssl_context
 from passguard.policy.model import MeshState
 from passguard.scraper import Request
-from passguard.sources.kuma import KumaApiError, KumaSource, ssl_context
+from passguard.sources.kuma import KumaSource
 from passguard.sources.prometheus import PrometheusSource
 from passguard.sources.settings import KumaSourceConfig
 from passguard.sources.static import StaticSource
@@ -93,9 +94,9 @@ class SourceSet:
         if r.base.startswith("https:"):
             if id(src) not in self._ssl:
                 try:
-                    self._ssl[id(src)] = ssl_context(src.cfg.ca_file,
-                                                     src.cfg.insecure_skip_verify)
-                except KumaApiError as exc:
+                    self._ssl[id(src)] = client_ssl_context(src.cfg.ca_file,
+                                                            src.cfg.insecure_skip_verify)
+                except HttpProblem as exc:
                     log.error("%s", exc)
                     self._ssl[id(src)] = None
             ssl = self._ssl[id(src)]

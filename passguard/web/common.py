@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from passguard.durations import format_duration
+from passguard.httpclient import read_at_most
 from passguard.store.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -28,15 +29,10 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
     """The (decoded) body, up to ``limit`` bytes. Read here rather than by
     ``request.read()``, whose limit is fixed when the app is built: this one is
     the running config's, so a reload changes it."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise web.HTTPRequestEntityTooLarge(limit, declared)
-    body = bytearray()
-    while chunk := await request.content.readany():
-        body += chunk
-        if len(body) > limit:
-            raise web.HTTPRequestEntityTooLarge(limit, len(body))
-    return bytes(body)
+    def refuse(size: int, _announced: bool) -> web.HTTPRequestEntityTooLarge:
+        return web.HTTPRequestEntityTooLarge(limit, size)
+
+    return await read_at_most(request.content, request.content_length, limit, refuse)
 
 
 async def _read_body(request: web.Request) -> bytes | web.Response:

@@ -417,7 +417,8 @@ async def test_tls_ca_file(tmp_path: Path, token_file: Path, sources: Sources) -
         untrusted = sources(tls_cp, token_file)
         await untrusted.discover()
         assert untrusted.last_error is not None
-        assert "the CP's TLS certificate is not trusted" in untrusted.last_error
+        assert (f"the TLS certificate of the Kuma CP at {tls_cp.url.rstrip('/')} "
+                "is not trusted") in untrusted.last_error
         assert "set ca_file" in untrusted.last_error
 
         skip = sources(tls_cp, token_file, insecure_skip_verify=True)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,6 @@ from passguard.sources.kuma import (
     parse_dataplane_item,
     parse_list_page,
     parse_mesh_item,
-    ssl_context,
 )
 from passguard.targets import Target
 from tests.kuma_cp import FakeDataplane, FakeKumaCP
@@ -306,19 +303,6 @@ def test_dataplane_metrics_and_labels() -> None:
 ])
 def test_meshes_patterns(patterns: tuple[str, ...], mesh: str, wanted: bool) -> None:
     assert KumaSourceConfig(url="http://cp", meshes=patterns).wants(mesh) is wanted
-
-
-def test_ssl_context(tmp_path: Path) -> None:
-    insecure = ssl_context(None, True)
-    assert insecure.verify_mode == ssl.CERT_NONE and not insecure.check_hostname
-    default = ssl_context(None, False)
-    assert default.verify_mode == ssl.CERT_REQUIRED and default.check_hostname
-    with pytest.raises(KumaApiError, match=re.escape(f"ca_file {tmp_path}/none.pem: no such file")):
-        ssl_context(str(tmp_path / "none.pem"), False)
-    bad = tmp_path / "bad.pem"
-    bad.write_text("not a certificate")
-    with pytest.raises(KumaApiError, match="not a usable PEM CA bundle"):
-        ssl_context(str(bad), False)
 
 
 def test_targets_before_any_discovery_are_empty() -> None:

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evidence", ("passguard.store.window", "passguard.store.destinations",
                   "passguard.store.snapshot")),
     ("config", ("passguard.config",)),
-    ("clients", ("passguard.envoy.admin", "passguard.envoy.lean")),
+    ("clients", ("passguard.httpclient", "passguard.envoy.admin", "passguard.envoy.lean")),
     ("sources", ("passguard.sources.*", "passguard.scraper")),
     ("store", ("passguard.store.store", "passguard.store.persistence",
                "passguard.store.shadows", "passguard.audit")),

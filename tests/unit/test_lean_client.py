@@ -170,9 +170,10 @@ def test_a_body_over_the_limit_is_refused_in_every_framing(size: int, framing: s
     with pytest.raises(AnswerError) as err:
         parse(split(wire, cuts))
     assert err.value.kind in ("too_large", "announced")
-    assert err.value.message("/stats") in (f"/stats sent more than {MAX_BODY} bytes",
-                                           f"/stats announced {size} bytes, over the "
-                                           f"{MAX_BODY}-byte limit")
+    assert err.value.message("/stats") in (
+        f"/stats sent more than {MAX_BODY} bytes (scrape.max_response_bytes)",
+        f"/stats announced {size} bytes, over the {MAX_BODY}-byte limit "
+        "(scrape.max_response_bytes)")
 
 
 @pytest.mark.parametrize("wire, words", [
@@ -408,9 +409,10 @@ async def test_an_answer_trickled_past_the_timeout_is_cut(client: LeanClient) ->
 
 
 @pytest.mark.parametrize("framing, words", [
-    ("length", "/stats announced 2097152 bytes, over the 1048576-byte limit"),
-    ("chunked", "/stats sent more than 1048576 bytes"),
-    ("close", "/stats sent more than 1048576 bytes"),
+    ("length", "/stats announced 2097152 bytes, over the 1048576-byte limit "
+               "(scrape.max_response_bytes)"),
+    ("chunked", "/stats sent more than 1048576 bytes (scrape.max_response_bytes)"),
+    ("close", "/stats sent more than 1048576 bytes (scrape.max_response_bytes)"),
 ])
 async def test_an_answer_over_max_response_bytes(framing: str, words: str) -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
@@ -629,7 +631,8 @@ async def test_a_compressed_answer_is_decoded_within_the_limits() -> None:
         async with Server(keep_alive(lambda n, i: next(sent))) as srv:
             for _ in range(3):
                 assert await c.get(srv.url, "/stats", None, 5.0) == STATS.decode()
-            with pytest.raises(ScrapeError, match=r"^/stats sent more than 1048576 bytes$"):
+            with pytest.raises(ScrapeError, match=r"^/stats sent more than 1048576 bytes "
+                                                  r"\(scrape.max_response_bytes\)$"):
                 await c.get(srv.url, "/stats", None, 5.0)
             with pytest.raises(ScrapeError, match=r"^truncated or malformed body from /stats"):
                 await c.get(srv.url, "/stats", None, 5.0)

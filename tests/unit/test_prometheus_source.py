@@ -802,7 +802,8 @@ async def test_tls_ca_file_and_insecure_skip_verify(tmp_path: Path, make_source:
         plain = make_source(url)
         fake.use(plain, *BUSY_IDLE)
         assert await plain.collect(NOW) == []
-        assert "the TLS certificate is not trusted" in str(plain.last_error)
+        assert f"the TLS certificate of {url.rstrip('/')} is not trusted" \
+            in str(plain.last_error)
         trusted = make_source(url, ca_file=str(ca_file))
         fake.use(trusted, *BUSY_IDLE)
         assert len(await trusted.collect(NOW)) == 2 and trusted.last_error is None
