@@ -141,8 +141,8 @@ def test_bash_parses_both_scripts(bash: str, capsys: pytest.CaptureFixture[str])
 
 @pytest.mark.parametrize(("words", "expected"), [
     (["passguard", "ch"], ["check"]),
-    (["passguard", ""], ["run", "check", "status", "destinations", "config", "token", "shadow",
-                         "verify", "upgrade-check", "audit", "completion"]),
+    (["passguard", ""], ["run", "check", "status", "destinations", "config", "token", "init",
+                         "shadow", "verify", "upgrade-check", "audit", "completion"]),
     (["passguard", "shadow", "p"], ["promote"]),
     (["passguard", "--log-level", "debug", "shadow", "l"], ["list"]),
     (["passguard", "check", "-o", "y"], ["yaml"]),
