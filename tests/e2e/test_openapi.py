@@ -34,6 +34,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from passguard.demo.sidecar import EchoUpstream, passthrough_connect, send_traffic
 from passguard.web.routes import build_app
+from tests.kuma_cp import FakeKumaCP
 
 from .conftest import EnvoyFactory
 from .procs import REPO, Passguard, envoy_target, http, passguard_config, wait_until
@@ -46,6 +47,7 @@ WAIT = 45.0
 MAX_CONNECTIONS = 8
 # Answers every route can give, whatever its own: checked on one route each.
 SHARED = {"401", "408", "413", "429", "503"}
+DISPLAY = "kuma.io/display-name"
 
 
 def load_spec() -> dict[str, Any]:
@@ -398,3 +400,76 @@ def exercise(c: Contract, pg: Passguard) -> None:
     status, ctype, text = capped(c.url)
     assert status == 503, text
     c.validate("GET", "/v1/meshes", "/v1/meshes", None, status, ctype, text)
+
+
+async def test_answers_with_a_kuma_control_plane_match_the_document(
+        envoy_factory: EnvoyFactory, echo_upstream: EchoUpstream, tmp_path: Path) -> None:
+    """The answers only a control plane fills in: readiness per dataplane with
+    the documents that fix it, exact before/after plans with a MeshPassthrough
+    in force, Kuma's version (the CP test server,
+    tests/kuma_cp.py, in front of real Envoys), and a dataplane it cannot read."""
+    web, api, vault = [await envoy_factory("legacy") for _ in range(3)]
+    async with FakeKumaCP() as cp:
+        for name, proxy in (("web-1", web), ("api-1", api)):
+            cp.add_dataplane("pay", name, admin_url=proxy.admin_url, transparent=True,
+                             labels={DISPLAY: name})
+        cp.add_dataplane("pay", "gone-1", transparent=True, insight="offline",
+                         labels={DISPLAY: "gone-1"})
+        cp.add_policy("pay", "api-out", {
+            "targetRef": {"kind": "Dataplane", "labels": {DISPLAY: "api-1"}},
+            "default": {"passthroughMode": "Matched", "appendMatch": [
+                {"type": "IP", "value": "127.0.0.1", "port": echo_upstream.port,
+                 "protocol": "tcp"},
+                {"type": "Domain", "value": "example.com", "port": 443, "protocol": "tcp"}]}})
+        cp.add_mesh("vault", networking={"outbound": {"passthrough": False}})
+        cp.add_dataplane("vault", "kv-1", admin_url=vault.admin_url, transparent=True,
+                         labels={DISPLAY: "kv-1"})
+        cfg = {**passguard_config(tmp_path, [], interval="1s", window="1m",
+                                  destinations={"interval": "1s"}),
+               "sources": [{"kind": "kuma", "url": cp.url, "discovery_interval": "1s"}]}
+        pg = Passguard(cfg, tmp_path)
+        c = Contract(pg.url)
+        try:
+            await asyncio.to_thread(pg.start)
+            await send_traffic(web, echo_upstream, 3)
+            await send_traffic(api, echo_upstream, 2)
+            held = [await passthrough_connect(p.listener_host("ipv4"), p.listener_port("ipv4"),
+                                              echo_upstream.host, echo_upstream.port, hold=True)
+                    for p in (web, api)]
+            try:
+                await asyncio.to_thread(wait_until, lambda: pg.get(
+                    "/v1/readiness?to=3.0")["status"] == "not_ready" and len(pg.get(
+                        "/v1/destinations?mesh=pay")["destinations"]) >= 2, WAIT,
+                    "pay not ready for 3.0, with its destinations", details=pg.log_tail)
+            finally:
+                for h in held:
+                    await h.close()
+            await asyncio.to_thread(exercise_kuma, c)
+        finally:
+            await asyncio.to_thread(pg.close)
+    assert not c.errors, "answers that do not match docs/openapi.yaml:\n" + "\n\n".join(
+        c.errors)
+
+
+def exercise_kuma(c: Contract) -> None:
+    ready = c.call("GET", "/v1/readiness", "/v1/readiness", query={"to": "3.0"})
+    pay = {m["mesh"]: m for m in ready["meshes"]}["pay"]
+    assert pay["dataplanes"] and pay["keep_traffic"] and pay["rejected_entries"], pay
+    c.call("GET", "/v1/readiness", "/v1/readiness", query={"to": "3.0", "mesh": "vault"})
+    c.call("GET", "/v1/meshes", "/v1/meshes")
+    detail = c.call("GET", "/v1/meshes/pay", "/v1/meshes/{mesh}")
+    assert any(d["error"] for d in detail["dataplanes"]), detail  # gone-1: nothing to read
+    c.call("GET", "/v1/destinations", "/v1/destinations")
+    off = c.call("POST", "/v1/check", "/v1/check", body=mesh_off("pay"),
+                 content_type="application/yaml")
+    assert off["verdict"] == "deny", off
+    # api-1's policy narrowed to the Domain entry: its IP traffic is lost or unproven.
+    narrowed = {"type": "MeshPassthrough", "name": "api-out", "mesh": "pay", "spec": {
+        "targetRef": {"kind": "Dataplane", "labels": {DISPLAY: "api-1"}},
+        "default": {"passthroughMode": "Matched", "appendMatch": [
+            {"type": "Domain", "value": "example.com", "port": 443, "protocol": "tls"}]}}}
+    c.call("POST", "/v1/check", "/v1/check", body=json.dumps(narrowed).encode())
+    c.call("POST", "/v1/check", "/v1/check", body=json.dumps(
+        {"object": None, "oldObject": {**narrowed, "spec": {
+            **narrowed["spec"], "default": {"passthroughMode": "All"}}}}).encode())
+    c.call("GET", "/v1/verify", "/v1/verify", query={"since": "5m", "mesh": "pay"})
