@@ -264,6 +264,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(json.dumps(config_mod.json_schema(), indent=2) + "\n")
+    return EXIT_OK
+
+
 def cmd_token_hash(args: argparse.Namespace) -> int:
     token = sys.stdin.readline().strip()
     if not token:
@@ -324,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc = cfg_sub.add_parser("check", help="validate a config file")
     cc.add_argument("-c", "--config", required=True)
     cc.set_defaults(func=cmd_config_check)
+    cs = cfg_sub.add_parser("schema", help="print the config file's JSON Schema (for editors)")
+    cs.set_defaults(func=cmd_config_schema)
 
     tok = sub.add_parser("token", help="token tools")
     tok_sub = tok.add_subparsers(dest="token_command", required=True)

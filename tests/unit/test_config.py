@@ -176,8 +176,9 @@ def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
-def test_commented_example_blocks_are_valid_when_uncommented(tmp_path: Path) -> None:
-    """The example's optional blocks (kuma source, tokens, TLS) must not rot."""
+def uncommented_example() -> str:
+    """config/passguard.example.yaml with its optional blocks (kuma and prometheus
+    sources, tokens, TLS) uncommented: the lines the file marks as such."""
     text = (ROOT / "config" / "passguard.example.yaml").read_text()
     out = []
     for line in text.splitlines():
@@ -191,8 +192,13 @@ def test_commented_example_blocks_are_valid_when_uncommented(tmp_path: Path) -> 
             out.append(" " * indent + body.split("  #")[0].rstrip())
         else:
             out.append(line)
+    return "\n".join(out)
+
+
+def test_commented_example_blocks_are_valid_when_uncommented(tmp_path: Path) -> None:
+    """The example's optional blocks (kuma source, tokens, TLS) must not rot."""
     p = tmp_path / "full.yaml"
-    p.write_text("\n".join(out))
+    p.write_text(uncommented_example())
     cfg = config.load(p)
     kinds = [s.kind for s in cfg.sources]
     assert kinds == ["envoy", "kuma", "prometheus"]
