@@ -303,7 +303,7 @@ class Daemon:
                 if announce:
                     self.notifier.ready()
                 return str(exc)
-            old_log_format = self.config.log.format
+            old_log_format = self.config.log_format
             await self._apply(new)
             self.tokens = tokens
             if self.tls is not None:
@@ -315,9 +315,9 @@ class Daemon:
                     self.tls.settle(await asyncio.to_thread(self.tls.poll))
             self.metrics.reloads.labels("success").inc()
             log.info("configuration reloaded from %s", self.config_path)
-            if new.log.format != old_log_format:
+            if new.log_format != old_log_format:
                 log.warning("log.format changed to %s: it applies at the next restart",
-                            new.log.format)
+                            new.log_format)
             if announce:
                 self.notifier.ready()
             return None

@@ -305,6 +305,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(json.dumps(config_mod.json_schema(), indent=2) + "\n")
+    return EXIT_OK
+
+
 def cmd_token_hash(args: argparse.Namespace) -> int:
     token = sys.stdin.readline().strip()
     if not token:
@@ -319,7 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_mod.load(args.config)
     if args.log_format is None:  # the flag wins over log.format
-        _log_format(cfg.log.format)
+        _log_format(cfg.log_format)
     writer = log_off_the_loop()
     try:
         return run(Path(args.config), cfg)
@@ -371,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc = cfg_sub.add_parser("check", help="validate a config file")
     cc.add_argument("-c", "--config", required=True)
     cc.set_defaults(func=cmd_config_check)
+    cs = cfg_sub.add_parser("schema", help="print the config file's JSON Schema (for editors)")
+    cs.set_defaults(func=cmd_config_schema)
 
     tok = sub.add_parser("token", help="token tools")
     tok_sub = tok.add_subparsers(dest="token_command", required=True)
