@@ -12,20 +12,17 @@ every replica and after a restart.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
-from passguard.documents import BREAK_GLASS, MODE_RANK, Change, Resource
-from passguard.durations import format_duration
-from passguard.envoy.names import parse_route
+from passguard.documents import BREAK_GLASS, MODE_RANK, Change
 from passguard.gate import plan as plans
-from passguard.policy.effective import Effective
-from passguard.policy.model import Match, MeshState
-from passguard.policy.reach import Reached
+from passguard.gate.rows import UNOBSERVED, Row, judge_row
+from passguard.gate.words import MAX_NAMED, effect_words, n, names, window_words
+from passguard.policy.model import MeshState
 from passguard.store.destinations import DestinationView
 from passguard.store.snapshot import DataplaneEvidence
 from passguard.verdicts import GatePolicy
@@ -33,15 +30,12 @@ from passguard.verdicts import GatePolicy
 Verdict = Literal["allow", "warn", "deny"]
 SEVERITY: dict[str, int] = {"allow": 0, "warn": 1, "deny": 2}
 MODE_CAP: dict[str, Verdict] = {"enforce": "deny", "warn": "warn", "audit": "allow"}
-MAX_NAMED = 10
 #: Bounds of a decision's per-dataplane list, so an answer stays small
 #: whatever the mesh: the dataplanes that matter first, then a count.
 MAX_DATAPLANES = 100
-MAX_LOST = 20
 #: Judgements kept per snapshot: a client sending ever new documents must
 #: not grow a snapshot without bound.
 MEMO_ENTRIES = 1024
-UNOBSERVED = "(destinations not observed)"
 
 
 @dataclass(frozen=True)
@@ -118,203 +112,34 @@ class Judgement:
         return json.dumps(self.evidence)
 
 
-# --------------------------------------------------------------------------- evidence
-
-
-def via_of(dest: DestinationView) -> tuple[str | None, Match | None]:
-    """The transport and the entry a destination went by, from the
-    meshpassthrough_* cluster names that carried it (one is enough)."""
-    for route in dest.routes:
-        parsed = parse_route(route)
-        if parsed is None:
-            continue
-        proto, value, port = parsed
-        if proto is None:
-            continue  # Kuma 2.8 - 2.9.1 names say no protocol
-        kind = "CIDR" if "/" in value else "IP" if _is_ip(value) else "Domain"
-        return ("tls" if proto == "tls" else "raw"), Match(kind, value, port, proto)
-    return None, None
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-def transport_word(transport: str | None) -> str | None:
-    """``tls`` or ``tcp`` (plain) as the API and appendMatch spell them."""
-    return None if transport is None else "tls" if transport == "tls" else "tcp"
-
-
-def _reached(dest: DestinationView) -> Reached:
-    transport, via = via_of(dest)
-    return Reached(dest.ip, dest.port, transport, via)  # type: ignore[arg-type]
-
-
-@dataclass
-class _Row:
-    """One dataplane a change alters, with what the after-state does to its traffic."""
-
-    name: str
-    before: Effective
-    after: Effective
-    connections: int = 0
-    active: int = 0
-    lost: list[tuple[str, str | None, int]] = field(default_factory=list)
-    unproven: list[tuple[str, str | None, int, str]] = field(default_factory=list)
-    missing: int = 0  # window connections no observed destination explains
-    unknown: str | None = None
-    conflict: str | None = None
-    offline: bool = False
-
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "dataplane": self.name, "before": self.before.label(), "after": self.after.label(),
-            "lost": [{"address": a, "transport": transport_word(t), "connections": c}
-                     for a, t, c in self.lost[:MAX_LOST]],
-            "unproven": [{"address": a, "transport": transport_word(t), "connections": c,
-                          "why": w} for a, t, c, w in self.unproven[:MAX_LOST]],
-        }
-        if self.missing:
-            out["unobserved_connections"] = self.missing
-        if self.unknown:
-            out["unknown"] = self.unknown
-        if self.conflict:
-            out["conflict"] = self.conflict
-        return out
-
-
-def _judge_row(row: _Row, d: DataplaneEvidence | None, dests: list[DestinationView],
-               ev: Evidence) -> None:
-    if row.after.conflict and row.after.conflict != row.before.conflict:
-        row.conflict = row.after.conflict
-    if d is None:
-        row.unknown = "passguard does not watch it (no scrape target)"
-        return
-    conns = d.connections
-    active = d.active_connections
-    row.connections, row.active = conns, active
-    if d.state == "offline":
-        row.offline = True
-        since = d.target.offline_since
-        window = ev.window_seconds
-        recent = since is not None and window is not None and ev.time - since < window
-        if not conns and not active:
-            # Offline for less than the window: it applies the change when it
-            # reconnects; its evidence must cover the window to vouch for it.
-            if recent and not d.covered:
-                row.unknown = ("offline for less than the window and its evidence does not "
-                               "cover the window: " + d.unknown_reason())
-            return
-    if not conns and not active:
-        if d.unknown:
-            row.unknown = d.unknown_reason()
-        return
-    explained = explained_active = 0
-    for dest in dests:
-        if not dest.window_connections and not dest.active:
-            continue
-        explained += dest.window_connections
-        explained_active += dest.active
-        reached = _reached(dest)
-        count = dest.window_connections or dest.active
-        outcome = row.after.keeps(reached)
-        if outcome == "cut":
-            row.lost.append((dest.address, reached.transport, count))
-        elif outcome == "unproven":
-            row.unproven.append((dest.address, reached.transport, count, _why(row.after, reached)))
-    # Connections no observed destination explains (Envoy drops idle hosts
-    # from /clusters within seconds; PromQL evidence has no /clusters at all).
-    if ev.inventory and d.origin == "scrape":
-        missing, missing_open = max(0, conns - explained), max(0, active - explained_active)
-    else:
-        missing, missing_open = conns, active
-    count = missing or missing_open
-    if count:
-        if row.after.mode == "off":
-            row.lost.append((UNOBSERVED, None, count))
-        else:
-            row.missing = count
-
-
-def _why(after: Effective, reached: Reached) -> str:
-    if reached.transport is None:
-        return ("the evidence does not show whether it is TLS or plain TCP, and the "
-                "remaining entries keep only one of them")
-    return "only a Domain or HTTP entry may keep it: IP evidence cannot prove a name or HTTP"
-
-
-# --------------------------------------------------------------------------- words
-
-
-def _names(items: list[tuple[str, int]]) -> str:
-    items = sorted(items, key=lambda x: (-x[1], x[0]))
-    text = ", ".join(f"{n} ({c})" for n, c in items[:MAX_NAMED])
-    if len(items) > MAX_NAMED:
-        text += f" and {len(items) - MAX_NAMED} more"
-    return text
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
-def _window_words(window: float | None) -> str:
-    if window is None:
-        return "since the proxies started"
-    return f"in the last {format_duration(window)}"
-
-
-def effect_words(r: Resource, operation: str, exact: bool) -> str:
-    assumed = "" if exact else " (previous state assumed enabled)"
-    if r.kind == "Mesh":
-        if operation == "DELETE":
-            return f"deletes Mesh {r.name}"
-        if r.mode == "None":
-            return f"disables passthrough for the whole mesh{assumed}"
-        return "enables passthrough for the whole mesh (where no MeshPassthrough applies)"
-    scope = r.target_ref.words()
-    if operation == "DELETE":
-        return (f"deletes MeshPassthrough {r.name} ({scope}): its dataplanes fall back to "
-                "the other policies or the Mesh flag")
-    mode = r.mode or "unset (the version's default)"
-    extra = f", {len(r.matches)} appendMatch entries" if r.matches else ""
-    return f"sets passthroughMode {mode} for {scope}{extra}{assumed}"
-
-
 # --------------------------------------------------------------------------- judging
 
 
-def _judge(ch: Change, keys: list[str], plan: plans.Plan, ev: Evidence,
-           by_name: dict[str, DataplaneEvidence],
-           dests: dict[str, list[DestinationView]]) -> Judgement:
-    effect = effect_words(ch.resource, ch.operation, plan.exact)
-    window = _window_words(ev.window_seconds)
-    rows: list[_Row] = []
+def _rows(keys: list[str], plan: plans.Plan, ev: Evidence,
+          by_name: dict[str, DataplaneEvidence],
+          dests: dict[str, list[DestinationView]]) -> list[Row]:
+    """The dataplanes whose passthrough shrinks (or whose merge now fails),
+    each judged on its window's traffic."""
+    rows: list[Row] = []
     for key in keys:
         before, after = plan.before[key], plan.after[key]
         name = key.split("/", 1)[1]
-        row = _Row(name, before, after)
+        row = Row(name, before, after)
         shrinks = not (after.mode == "all" or before.mode == "off" or after.same_as(before))
         if not shrinks and not (after.conflict and after.conflict != before.conflict):
             continue
-        _judge_row(row, by_name.get(name), dests.get(name, []), ev)
+        judge_row(row, by_name.get(name), dests.get(name, []), ev)
         if not shrinks:
             row.lost.clear()
             row.unproven.clear()
             row.missing = 0
             row.unknown = None
         rows.append(row)
-    lost = [r for r in rows if r.lost]
-    conflicts = [r for r in rows if r.conflict]
-    unproven = [r for r in rows if (r.unproven or r.missing) and not r.lost]
-    unknown = [r for r in rows if r.unknown and not r.lost and not r.unproven and not r.missing]
-    offline = sum(1 for r in rows if r.offline)
-    connections = sum(r.connections for r in lost)
-    active = sum(r.active for r in lost)
+    return rows
+
+
+def _blocked(lost: list[Row]) -> dict[str, dict[str, Any]]:
+    """Per destination address: the dataplanes that would lose it, and how much."""
     blocked: dict[str, dict[str, Any]] = {}
     for r in lost:
         for addr, _, count in r.lost:
@@ -324,84 +149,129 @@ def _judge(ch: Change, keys: list[str], plan: plans.Plan, ev: Evidence,
             if len(entry["dataplanes"]) < MAX_NAMED:
                 entry["dataplanes"].append(r.name)
             entry["connections"] += count
-    facts: dict[str, Any] = {
+    return blocked
+
+
+@dataclass
+class _Sorted:
+    """The rows of one judgement, by what they say."""
+
+    rows: list[Row]
+    lost: list[Row]
+    conflicts: list[Row]
+    unproven: list[Row]
+    unknown: list[Row]
+
+    @classmethod
+    def of(cls, rows: list[Row]) -> _Sorted:
+        return cls(rows, [r for r in rows if r.lost], [r for r in rows if r.conflict],
+                   [r for r in rows if (r.unproven or r.missing) and not r.lost],
+                   [r for r in rows if r.unknown and not r.lost and not r.unproven
+                    and not r.missing])
+
+
+def _facts(s: _Sorted, keys: list[str], ev: Evidence,
+           blocked: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
         "window_seconds": ev.window_seconds,
-        "dataplanes": {"total": len(keys), "with_traffic": len(lost), "unknown": len(unknown),
-                       "offline": offline},
-        "connections": connections,
-        "active_connections": active,
+        "dataplanes": {"total": len(keys), "with_traffic": len(s.lost),
+                       "unknown": len(s.unknown), "offline": sum(1 for r in s.rows if r.offline)},
+        "connections": sum(r.connections for r in s.lost),
+        "active_connections": sum(r.active for r in s.lost),
         "destinations": sorted(blocked.values(),
                                key=lambda x: (-x["connections"], x["address"]))[:MAX_NAMED * 5],
     }
+
+
+def _cut_reasons(s: _Sorted, keys: list[str], window: str,
+                 blocked: dict[str, dict[str, Any]]) -> list[str]:
+    """What the change would cut, what Kuma could not build, what is unproven."""
     reasons: list[str] = []
-    outcome: Outcome
-    if conflicts:
+    if s.conflicts:
         reasons.append("Kuma cannot build the passthrough listener of "
-                       + ", ".join(r.name for r in conflicts[:MAX_NAMED])
-                       + f": {conflicts[0].conflict}; the whole configuration update of "
+                       + ", ".join(r.name for r in s.conflicts[:MAX_NAMED])
+                       + f": {s.conflicts[0].conflict}; the whole configuration update of "
                          "those dataplanes would fail")
-    if lost:
-        outcome = "traffic"
+    if s.lost:
+        connections = sum(r.connections for r in s.lost)
         reasons.append(
-            f"{len(lost)} of {_n(len(keys), 'dataplane')} opened "
-            f"{_n(connections, 'passthrough connection')} {window} that the change would cut: "
-            + _names([(r.name, r.connections) for r in lost if r.connections]
-                     or [(r.name, 0) for r in lost]))
-        opened = [(r.name, r.active) for r in lost if r.active]
+            f"{len(s.lost)} of {n(len(keys), 'dataplane')} opened "
+            f"{n(connections, 'passthrough connection')} {window} that the change would cut: "
+            + names([(r.name, r.connections) for r in s.lost if r.connections]
+                    or [(r.name, 0) for r in s.lost]))
+        opened = [(r.name, r.active) for r in s.lost if r.active]
         if opened:
-            reasons.append(f"{_n(sum(a for _, a in opened), 'passthrough connection')} "
-                           f"{'is' if sum(a for _, a in opened) == 1 else 'are'} open now: "
-                           + _names(opened))
+            total = sum(a for _, a in opened)
+            reasons.append(f"{n(total, 'passthrough connection')} "
+                           f"{'is' if total == 1 else 'are'} open now: " + names(opened))
         if blocked:
-            reasons.append("destinations that would be cut: " + _names(
+            reasons.append("destinations that would be cut: " + names(
                 [(x["address"], x["connections"]) for x in blocked.values()]))
-    if unproven:
+    if s.unproven:
         reasons.append(
-            f"{_n(len(unproven), 'dataplane')} keep{'s' if len(unproven) == 1 else ''} traffic "
-            "the after-state may not let through (unproven): "
-            + _names([(r.name, sum(c for _, _, c, _ in r.unproven) + r.missing)
-                      for r in unproven])
+            f"{n(len(s.unproven), 'dataplane')} keep{'s' if len(s.unproven) == 1 else ''} "
+            "traffic the after-state may not let through (unproven): "
+            + names([(r.name, sum(c for _, _, c, _ in r.unproven) + r.missing)
+                     for r in s.unproven])
             + ("; connections to destinations the inventory did not observe count as "
                "unproven (a shorter destinations.interval sees more)"
-               if any(r.missing for r in unproven) else ""))
-    if conflicts:
-        outcome = "conflict"
-    elif lost:
-        outcome = "traffic"
-    elif unproven:
-        outcome = "unproven"
-    elif unknown:
-        outcome = "unknown"
-        reasons.append(
-            f"no passthrough traffic would be cut, but {len(unknown)} of "
-            f"{_n(len(keys), 'dataplane')} {'has' if len(unknown) == 1 else 'have'} no "
+               if any(r.missing for r in s.unproven) else ""))
+    return reasons
+
+
+def _outcome(s: _Sorted, ch: Change, keys: list[str], plan: plans.Plan, ev: Evidence,
+             window: str) -> tuple[Outcome, list[str]]:
+    """The outcome, and the reason it adds when nothing is cut or unproven."""
+    if s.conflicts:
+        return "conflict", []
+    if s.lost:
+        return "traffic", []
+    if s.unproven:
+        return "unproven", []
+    if s.unknown:
+        return "unknown", [
+            f"no passthrough traffic would be cut, but {len(s.unknown)} of "
+            f"{n(len(keys), 'dataplane')} {'has' if len(s.unknown) == 1 else 'have'} no "
             f"complete evidence {window}: "
-            + ", ".join(f"{r.name} ({r.unknown})" for r in unknown[:MAX_NAMED])
-            + (f" and {len(unknown) - MAX_NAMED} more" if len(unknown) > MAX_NAMED else ""))
-    elif not plan.exact and _may_reduce(ch) and not any(d.state != "offline"
-                                                          for d in ev.dataplanes):
-        outcome = "no_online"
-        reasons.append(f"passguard watches no online dataplane in mesh {ev.mesh!r}: "
-                       "no evidence either way")
-    elif not rows:
-        outcome = "clear"
-        reasons.append("does not reduce any dataplane's effective passthrough"
-                       + (f" ({_n(len(keys), 'dataplane')} changed, none lost passthrough)"
-                          if keys else ""))
-    else:
-        outcome = "clear"
-        watched = sum(1 for r in rows if not r.offline)
-        reasons.append(f"no passthrough traffic {window} that the change would cut, on "
-                       f"{_n(watched, 'watched dataplane')} whose passthrough shrinks")
-    # Listed: the dataplanes with something to say (idle ones are only
-    # counted in the evidence), worst first, bounded.
+            + ", ".join(f"{r.name} ({r.unknown})" for r in s.unknown[:MAX_NAMED])
+            + (f" and {len(s.unknown) - MAX_NAMED} more" if len(s.unknown) > MAX_NAMED
+               else "")]
+    if not plan.exact and _may_reduce(ch) and not any(d.state != "offline"
+                                                        for d in ev.dataplanes):
+        return "no_online", [f"passguard watches no online dataplane in mesh {ev.mesh!r}: "
+                             "no evidence either way"]
+    if not s.rows:
+        return "clear", ["does not reduce any dataplane's effective passthrough"
+                         + (f" ({n(len(keys), 'dataplane')} changed, none lost passthrough)"
+                            if keys else "")]
+    watched = sum(1 for r in s.rows if not r.offline)
+    return "clear", [f"no passthrough traffic {window} that the change would cut, on "
+                     f"{n(watched, 'watched dataplane')} whose passthrough shrinks"]
+
+
+def _listed(rows: list[Row]) -> list[dict[str, Any]]:
+    """The dataplanes with something to say (idle ones are only counted in
+    the evidence), worst first, bounded."""
     findings = [r for r in rows if r.lost or r.conflict or r.unproven or r.missing or r.unknown]
     findings.sort(key=lambda r: (not r.lost, not r.conflict, not (r.unproven or r.missing),
                                  not r.unknown, -sum(c for _, _, c in r.lost), r.name))
     listed = [r.as_json() for r in findings[:MAX_DATAPLANES]]
     if len(findings) > MAX_DATAPLANES:
         listed.append({"omitted": len(findings) - MAX_DATAPLANES})
-    return Judgement(outcome, effect, tuple(reasons), facts, listed, tuple(plan.warnings))
+    return listed
+
+
+def _judge(ch: Change, keys: list[str], plan: plans.Plan, ev: Evidence,
+           by_name: dict[str, DataplaneEvidence],
+           dests: dict[str, list[DestinationView]]) -> Judgement:
+    window = window_words(ev.window_seconds)
+    s = _Sorted.of(_rows(keys, plan, ev, by_name, dests))
+    blocked = _blocked(s.lost)
+    outcome, more = _outcome(s, ch, keys, plan, ev, window)
+    reasons = _cut_reasons(s, keys, window, blocked) + more
+    return Judgement(outcome, effect_words(ch.resource, ch.operation, plan.exact),
+                     tuple(reasons), _facts(s, keys, ev, blocked), _listed(s.rows),
+                     tuple(plan.warnings))
 
 
 def _may_reduce(ch: Change) -> bool:

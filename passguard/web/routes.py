@@ -22,7 +22,8 @@ from passguard.durations import parse_duration
 from passguard.errors import InputError
 from passguard.fields import NAME_BYTES, REQUESTER_BYTES, cap
 from passguard.gate import admission, service
-from passguard.gate.decide import Decision, decide, transport_word, via_of
+from passguard.gate.decide import Decision, decide
+from passguard.gate.rows import transport_word, via_of
 from passguard.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
 from passguard.web import readiness_panel, shadow_routes, status_page, verify_routes
