@@ -24,16 +24,19 @@ The semantics were read from ``KUMA_SOURCE`` (docs/semantics.md M6, §9).
 from __future__ import annotations
 
 import ipaddress
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from passguard.envoy.names import parse_route
+from passguard.gate import fixes
+from passguard.gate.fixes import without_nulls
+from passguard.gate.rows import transport_word
 from passguard.policy.effective import Effective, applies, effective
-from passguard.policy.model import Match, MeshFlag, MeshState, Policy, Proxy, TargetRef, Version
+from passguard.policy.model import Match, MeshFlag, MeshState, Policy, Proxy, Version
 from passguard.policy.reach import Reached
-from passguard.policy.select import DISPLAY_NAME_LABEL, selects, supported_kinds
+from passguard.policy.select import selects, supported_kinds
+from passguard.policy.validation import Rejected, match_errors, rejected
 from passguard.store.destinations import DestinationView
 from passguard.store.snapshot import DataplaneEvidence
 from passguard.targets import Target
@@ -72,130 +75,6 @@ MAX_LISTED = 200
 LOCKDOWN_NAME = "passguard-keep-lockdown"
 KEEP_NAME = "passguard-keep"
 UNOBSERVED = "(destinations not observed)"
-L7 = ("grpc", "http", "http2")
-_PARTIAL_WILDCARD = re.compile(r"^\*[^.]+")
-_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
-
-
-# --------------------------------------------------------------------------- validation
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """One appendMatch entry (or a whole policy) a Kuma version's validator refuses."""
-
-    policy: str
-    path: str
-    message: str
-    versions: tuple[str, ...]
-
-    def as_json(self) -> dict[str, Any]:
-        return {"policy": self.policy, "path": self.path, "message": self.message,
-                "versions": list(self.versions)}
-
-
-def _is_dns_name(value: str) -> bool:
-    """govalidator.IsDNSName, closely enough: labels of letters, digits, ``-``
-    and ``_``, at most 255 characters, and not an IP literal."""
-    if not value or len(value) > 255:
-        return False
-    try:
-        ipaddress.ip_address(value)
-        return False
-    except ValueError:
-        pass
-    return all(_DNS_LABEL.match(label) for label in value.rstrip(".").split("."))
-
-
-def _is_cidr(value: str) -> bool:
-    try:
-        ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        return False
-    return "/" in value
-
-
-def match_errors(matches: Sequence[Match]) -> list[tuple[str, str]]:
-    """(path, message) per violation of Kuma's appendMatch validator, 2.14 and
-    master alike (validator.go ``validateDefault``; /tmp/research/xds.md §6).
-    An unwritten protocol is ``tcp``: the CRD and the Universal REST
-    defaulting write it before the validator runs."""
-    out: list[tuple[str, str]] = []
-    by_port: dict[int, str] = {}
-    seen: dict[tuple[int, str], set[str]] = {}
-    for i, m in enumerate(matches):
-        at = f"spec.default.appendMatch[{i}]"
-        proto = m.protocol or "tcp"
-        if proto == "mysql" and m.port is None:
-            out.append((f"{at}.port", "port must be defined for Mysql protocol"))
-        if m.port is not None and not 1 <= m.port <= 65535:
-            out.append((f"{at}.port", "port must be a valid (1-65535)"))
-        if m.port is not None:
-            stored = by_port.get(m.port)
-            # Order-dependent, as in Kuma: only an L7 entry meeting another
-            # protocol already stored for the port is refused.
-            if stored is not None and stored != proto and proto in L7:
-                out.append((f"{at}.port", "using the same port in multiple matches requires "
-                                          "the same protocol for the following protocols: "
-                                          "[grpc http http2]"))
-            else:
-                by_port[m.port] = proto
-            values = seen.setdefault((m.port, proto), set())
-            if m.value in values:
-                out.append((f"{at}.value",
-                            f"value {m.value} is already defiend for this port and protocol"))
-            values.add(m.value)
-        if proto not in ("tcp", "tls", "grpc", "http", "http2", "mysql"):
-            out.append((f"{at}.protocol", '"protocol" must be one of ["tcp", "tls", "grpc", '
-                                          '"http", "http2", "mysql"]'))
-        if m.type == "CIDR":
-            if not _is_cidr(m.value):
-                out.append((f"{at}.value", "provided CIDR has incorrect value"))
-        elif m.type == "IP":
-            try:
-                ipaddress.ip_address(m.value)
-            except ValueError:
-                out.append((f"{at}.value", "provided IP has incorrect value"))
-        elif m.type == "Domain":
-            if proto in ("tcp", "mysql"):
-                out.append((f"{at}.protocol", f"protocol {proto} is not supported for a domain"
-                            + (" (no protocol written: Kuma defaults it to tcp)"
-                               if m.protocol is None else "")))
-            if _PARTIAL_WILDCARD.match(m.value):
-                out.append((f"{at}.value", "provided DNS has incorrect value, partial "
-                                           "wildcard is currently not supported"))
-            if m.port is None and m.value.startswith("*") and proto in L7:
-                out.append((f"{at}.port", "wildcard domains doesn't work for all ports and "
-                                          "layer 7 protocol"))
-            rest = m.value[2:] if m.value.startswith("*.") else m.value
-            if not rest.startswith("*") and not _is_dns_name(rest):
-                out.append((f"{at}.value", "provided DNS has incorrect value"))
-        else:
-            out.append((f"{at}.type", f"provided type {m.type} is not supported, one of "
-                                      "Domain, IP, or CIDR is supported"))
-    return out
-
-
-def rejected(policies: Iterable[Policy], target: Version) -> list[Rejected]:
-    """What the current policies hold that the 2.14 or ``target`` validator refuses."""
-    out: list[Rejected] = []
-    v214 = Version(2, 14)
-    for p in sorted(policies, key=lambda p: p.name):
-        for path, message in match_errors(p.matches):
-            out.append(Rejected(p.name, path, message, ("2.14", _short(target))))
-        kind = p.target_ref.kind
-        refused_by = [str(_short(v)) for v in (v214, target) if kind not in supported_kinds(v)]
-        if refused_by:
-            allowed = ", ".join(supported_kinds(target))
-            out.append(Rejected(p.name, "spec.targetRef.kind",
-                                f"top-level targetRef kind {kind} is refused (Kuma "
-                                f"{_short(target)} accepts {allowed}); migrate it to kind "
-                                "Dataplane with labels", tuple(refused_by)))
-    return out
-
-
-def _short(v: Version) -> str:
-    return f"{v.major}.{v.minor}"
 
 
 # --------------------------------------------------------------------------- the model
@@ -242,7 +121,7 @@ def _ip(value: str) -> bool:
 
 
 def _transport(reached: Reached) -> str | None:
-    return None if reached.transport is None else "tls" if reached.transport == "tls" else "tcp"
+    return transport_word(reached.transport)
 
 
 def _shrinks(before: Effective, after: Effective) -> bool:
@@ -491,49 +370,6 @@ def _duration(seconds: float) -> str:
 # --------------------------------------------------------------------------- documents
 
 
-def _doc(mesh: str, name: str, mode: str, target_ref: dict[str, Any],
-         matches: Sequence[Match] = ()) -> dict[str, Any]:
-    default: dict[str, Any] = {"passthroughMode": mode}
-    if matches:
-        default["appendMatch"] = [{"type": m.type, "value": m.value, "port": m.port,
-                                   "protocol": m.protocol} for m in matches]
-    return {"type": "MeshPassthrough", "name": name, "mesh": mesh,
-            "spec": {"targetRef": target_ref, "default": default}}
-
-
-def _policy(doc: Mapping[str, Any]) -> Policy:
-    ref = doc["spec"]["targetRef"]
-    default = doc["spec"]["default"]
-    matches = tuple(Match(m["type"], m["value"], m["port"], m["protocol"])
-                    for m in default.get("appendMatch", ()))
-    return Policy(doc["name"], doc["mesh"], default["passthroughMode"], matches,
-                  TargetRef(ref["kind"], labels=dict(ref.get("labels", {}))))
-
-
-def _by_name(dataplane: str) -> dict[str, Any]:
-    """One dataplane, as 3.0 can select it: by labels only (UPGRADE.md "Real-resource
-    policy selection now uses labels only"); the control plane labels every
-    resource with its ``kuma.io/display-name``."""
-    return {"kind": "Dataplane", "labels": {DISPLAY_NAME_LABEL: dataplane}}
-
-
-def _label(name: str) -> str:
-    label = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    return label[:40] or "dataplane"
-
-
-def _entries(seen: Sequence[tuple[Reached, int]]) -> list[Match]:
-    """IP entries for what was observed: the transport Envoy showed, both
-    (tcp and tls) where it did not: Kuma's tcp chain keeps plain TCP only and
-    its tls chain TLS only (docs/semantics.md R2)."""
-    out: set[Match] = set()
-    for reached, _ in seen:
-        t = _transport(reached)
-        for proto in (t,) if t else ("tcp", "tls"):
-            out.add(Match("IP", reached.ip, reached.port, proto))
-    return sorted(out, key=lambda m: (m.value, m.port or 0, m.protocol or ""))
-
-
 def _changes(state: MeshState, before: Sequence[Policy], after: Sequence[Policy],
              proxies: Sequence[Proxy], versions: Sequence[tuple[Version | None, Outcome]]
              ) -> set[str]:
@@ -565,15 +401,15 @@ def _suggest(res: MeshReadiness, state: MeshState, kept: list[Policy], proxies: 
     locked = sorted(r.dataplane for r in res.rows
                     if any(s.opens for s in r.sides.values()) and r.now.mode == "off")
     if locked:
-        doc = _doc(mesh, LOCKDOWN_NAME, "None", {"kind": "Mesh"})
-        changed = _changes(state, all_policies, [*all_policies, _policy(doc)], proxies, checks)
+        doc = fixes.doc(mesh, LOCKDOWN_NAME, "None", {"kind": "Mesh"})
+        changed = _changes(state, all_policies, [*all_policies, fixes.policy(doc)], proxies, checks)
         docs = [doc]
         if not changed <= set(locked):
             # A mesh-wide None would also outrank a policy some other
             # dataplane has today: one per dataplane instead.
-            docs = [_doc(mesh, f"{LOCKDOWN_NAME}-{_label(n)}", "None",
-                         _by_name(n)) for n in locked]
-            changed = _changes(state, all_policies, [*all_policies, *map(_policy, docs)],
+            docs = [fixes.doc(mesh, f"{LOCKDOWN_NAME}-{fixes.label(n)}", "None",
+                         fixes.by_name(n)) for n in locked]
+            changed = _changes(state, all_policies, [*all_policies, *map(fixes.policy, docs)],
                                proxies, checks)
         res.keep_lockdown = docs
         if state.version is not None and "Dataplane" not in supported_kinds(state.version) \
@@ -587,15 +423,15 @@ def _suggest(res: MeshReadiness, state: MeshState, kept: list[Policy], proxies: 
     losing = sorted(n for n, r in rows.items() if any(s.cuts for s in r.sides.values()))
     for n in losing:
         r = rows[n]
-        entries = _entries(r.destinations)
+        entries = fixes.entries(r.destinations)
         if not entries:
             res.notes.append(f"{n}: no destination was observed, so no Matched policy can be "
                              "written for it; keep passthrough with passthroughMode All")
-            doc = _doc(mesh, f"{KEEP_NAME}-{_label(n)}", "All", _by_name(n))
+            doc = fixes.doc(mesh, f"{KEEP_NAME}-{fixes.label(n)}", "All", fixes.by_name(n))
         else:
-            doc = _doc(mesh, f"{KEEP_NAME}-{_label(n)}", "Matched",
-                       _by_name(n), entries)
-        pol = _policy(doc)
+            doc = fixes.doc(mesh, f"{KEEP_NAME}-{fixes.label(n)}", "Matched",
+                       fixes.by_name(n), entries)
+        pol = fixes.policy(doc)
         px = next(p for p in proxies if p.name == n)
         still = []
         for o in OUTCOMES:
@@ -615,18 +451,6 @@ def _suggest(res: MeshReadiness, state: MeshState, kept: list[Policy], proxies: 
         res.notes.append(f"the keep-traffic documents use targetRef kind Dataplane, which Kuma "
                          f"{state.version} refuses: apply them after upgrading to 2.10 or "
                          "later, before 3.0")
-
-
-def without_nulls(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A document as a person would write it: no ``port: null``."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, Mapping):
-            return {k: clean(v) for k, v in x.items() if v is not None}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-    out: dict[str, Any] = clean(doc)
-    return out
 
 
 __all__ = ["KUMA_SOURCE", "OUTCOMES", "TARGETS", "MeshReadiness", "Rejected", "effective_on",

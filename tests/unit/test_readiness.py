@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from passguard.envoy.stats import Counters
+from passguard.gate import fixes
 from passguard.gate import readiness as rd
 from passguard.policy.effective import effective
 from passguard.policy.model import Match, MeshFlag, MeshState, Policy, Proxy, TargetRef, Version
@@ -99,7 +100,7 @@ def test_lockdown_document_does_not_override_another_policy() -> None:
     r = run(st, (ev("a"), ev("b"), ev("c")))
     assert names(r, "as_if_true", "lockdown_lifted") == ["a"]
     assert r.notes == []
-    policies = [*st.policies, *(rd._policy(d) for d in r.keep_lockdown)]
+    policies = [*st.policies, *(fixes.policy(d) for d in r.keep_lockdown)]
     for v in (V214, Version(3, 0)):
         assert effective(st.flag, policies, proxy("a"), v).mode == "off"
         for other in ("b", "c"):
@@ -121,7 +122,7 @@ def test_a_mesh_wide_none_that_would_outrank_a_policy_is_split_per_dataplane() -
     assert names(r, "as_if_true", "lockdown_lifted") == ["a"]
     assert [d["spec"]["targetRef"] for d in r.keep_lockdown] == [
         {"kind": "Dataplane", "labels": {DISPLAY: "a"}}]
-    policies = [*st.policies, *(rd._policy(d) for d in r.keep_lockdown)]
+    policies = [*st.policies, *(fixes.policy(d) for d in r.keep_lockdown)]
     for v in (V214, Version(3, 0)):
         assert effective(st.flag, policies, gw, v).mode == "matched"
         assert effective(st.flag, policies, proxy("a"), v).mode == "off"
