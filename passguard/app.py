@@ -14,9 +14,7 @@ import contextlib
 import gc
 import ipaddress
 import logging
-import resource
 import signal
-import sqlite3
 import ssl
 import sys
 import time
@@ -27,7 +25,6 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from passguard import config as config_mod
-from passguard.audit import AuditLog, audit_path
 from passguard.config import Config
 from passguard.errors import ConfigError, PassguardError
 from passguard.gate import service
@@ -37,10 +34,8 @@ from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
 from passguard.policy.model import MeshState
 from passguard.scraper import Scraper, ScrapeResult
 from passguard.sdnotify import Notifier
-from passguard.shadows import Shadows
 from passguard.sources.sourceset import SourceSet
-from passguard.store.persistence import StateDB
-from passguard.store.shadows import ShadowDB
+from passguard.startup import fd_budget_warning, open_shadows, open_state
 from passguard.store.snapshot import Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
@@ -64,9 +59,6 @@ SWITCH_INTERVAL = 0.0005
 #: A TLS handshake not done by then is aborted (asyncio's default is 60 s): a
 #: client that stalls in it holds a connection of the cap for this long at most.
 TLS_HANDSHAKE_TIMEOUT = 10.0
-#: Descriptors besides connections: the two databases and their WAL files,
-#: the log, target files, the event loop's own.
-FD_SPARE = 64
 #: How often audit entries past ``audit.retention`` or ``audit.max_bytes`` are deleted.
 AUDIT_RETENTION_EVERY = 60.0
 #: listen() backlog, and how many connections are accepted in one go. The
@@ -75,49 +67,11 @@ AUDIT_RETENTION_EVERY = 60.0
 LISTEN_BACKLOG = 100
 
 
-def fd_budget_warning(config: Config) -> str | None:
-    """The connection cap protects the scrapes only if both fit in the file
-    descriptors the process may open."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = config.limits.max_connections + config.scrape.concurrency + FD_SPARE
-    if soft == resource.RLIM_INFINITY or need <= soft:
-        return None
-    return (f"limits.max_connections ({config.limits.max_connections}) + scrape.concurrency "
-            f"({config.scrape.concurrency}) + {FD_SPARE} spare exceed the open-file limit "
-            f"({soft}): a connection flood can starve the scrapes. Raise LimitNOFILE or "
-            "lower limits.max_connections")
-
-
-def _open_state(path: Path) -> tuple[StateDB, AuditLog]:
-    """The state database and the audit log beside it, or an error naming
-    the key and the file (a path under a file, a read-only disk, a database
-    from a newer passguard) instead of a traceback."""
-    db: StateDB | None = None
-    try:
-        db = StateDB(path)
-        return db, AuditLog(audit_path(path), legacy=path)
-    except (OSError, sqlite3.Error, RuntimeError) as exc:
-        if db is not None:
-            db.close()
-        raise PassguardError(f"state.path: cannot open {path} or the audit log beside it: "
-                             f"{exc}") from None
-
-
-def _open_shadows(path: Path, db: StateDB, audit: AuditLog) -> Shadows:
-    try:
-        return Shadows(ShadowDB(path))
-    except (OSError, sqlite3.Error) as exc:
-        db.close()
-        audit.close()
-        raise PassguardError(f"state.path: cannot open the shadow tables in {path}: "
-                             f"{exc}") from None
-
-
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.db, self.audit = _open_state(config.state_path)
+        self.db, self.audit = open_state(config.state_path)
         self.tokens = TokenStore(config.auth.tokens_file) if config.auth.tokens_file else None
         # As the file says it: config.listen becomes the bound port when it is 0,
         # and a reload is compared with the file, not with that.
@@ -129,7 +83,7 @@ class Daemon:
         self.sources = SourceSet(config)
         self.metrics = Metrics(lambda: self.store.snapshot,
                                lambda: [*self.sources.sources, *self.sources.prometheus])
-        self.shadows = _open_shadows(config.state_path, self.db, self.audit)
+        self.shadows = open_shadows(config.state_path, self.db, self.audit)
         self.metrics.registry.register(self.shadows.collector(
             lambda: {t.mesh for t in self.store.targets.values()}, lambda: self.config.window))
         self.tls = CertReloader(config.auth.tls, self._use_tls,

@@ -243,6 +243,16 @@ def _mesh_section(snap: Snapshot, m: Mapping[str, Any], now: float,
         f"<a href='{_e(href)}'>JSON</a></p>",
     ]
 
+    parts.extend(_dataplane_tables(dps, window, href, now))
+    parts.append("</section>")
+    return "".join(parts), answer
+
+
+def _dataplane_tables(dps: Sequence[DataplaneEvidence], window: str, href: str,
+                      now: float) -> list[str]:
+    """A mesh's blocked-connections banner, then its busy, unknown and all
+    dataplanes as tables."""
+    parts: list[str] = []
     blocked = sorted((d for d in dps if d.blocked_connections), key=_busiest_blocked)
     if blocked:
         parts.append(
@@ -290,8 +300,8 @@ def _mesh_section(snap: Snapshot, m: Mapping[str, Any], now: float,
           f"<span class=err>{_e(d.unknown_reason())}</span>" if d.unknown
           else _e(d.error or "")] for d in ordered),
         len(ordered), href))
-    parts.append("</details></section>")
-    return "".join(parts), answer
+    parts.append("</details>")
+    return parts
 
 
 def _busiest(d: DataplaneEvidence) -> tuple[int, int, str]:

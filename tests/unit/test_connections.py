@@ -22,7 +22,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from passguard import app, config
+from passguard import config, startup
 from passguard.web import connections as connections_mod
 from passguard.web import listener as listener_mod
 from passguard.web.connections import PROBE_RESERVE, ConnectionCap
@@ -79,15 +79,15 @@ def test_counts_from_admission_to_loss_and_refuses_past_the_limit() -> None:
 
 def test_fd_budget_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config.Config()
-    need = cfg.limits.max_connections + cfg.scrape.concurrency + app.FD_SPARE
-    monkeypatch.setattr(app.resource, "getrlimit", lambda which: (need, need))
-    assert app.fd_budget_warning(cfg) is None
-    monkeypatch.setattr(app.resource, "getrlimit", lambda which: (need - 1, need))
-    warning = app.fd_budget_warning(cfg)
+    need = cfg.limits.max_connections + cfg.scrape.concurrency + startup.FD_SPARE
+    monkeypatch.setattr(startup.resource, "getrlimit", lambda which: (need, need))
+    assert startup.fd_budget_warning(cfg) is None
+    monkeypatch.setattr(startup.resource, "getrlimit", lambda which: (need - 1, need))
+    warning = startup.fd_budget_warning(cfg)
     assert warning is not None and f"open-file limit ({need - 1})" in warning
-    monkeypatch.setattr(app.resource, "getrlimit",
-                        lambda which: (app.resource.RLIM_INFINITY,) * 2)
-    assert app.fd_budget_warning(cfg) is None
+    monkeypatch.setattr(startup.resource, "getrlimit",
+                        lambda which: (startup.resource.RLIM_INFINITY,) * 2)
+    assert startup.fd_budget_warning(cfg) is None
 
 
 async def _hello(request: web.BaseRequest) -> web.Response:

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("gate", ("passguard.gate.*", "passguard.verify", "passguard.shadows")),
     ("exposition", ("passguard.metrics", "passguard.exposition")),
     ("web", ("passguard.web.*",)),
-    ("app", ("passguard.app", "passguard.demo.*")),
+    ("app", ("passguard.startup", "passguard.app", "passguard.demo.*")),
     ("cli", ("passguard.cli_common", "passguard.cli_init", "passguard.cli_progress",
              "passguard.cli_shadow", "passguard.cli_verify", "passguard.cli_ops",
              "passguard.cli", "passguard.__main__", "passguard")),
