@@ -63,7 +63,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from passguard.demo.sidecar import IpFamily, families_of, passthrough_cluster_name
+from passguard.demo.kuma_names import IpFamily, families_of, passthrough_cluster_name
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, Family, family_of, stats_filter
 from passguard.envoy.stats import ZERO, Counters, StatsReading
 

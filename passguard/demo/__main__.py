@@ -24,10 +24,12 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, passthrough_connect
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, passthrough_connect
 
 MESH_OFF = "type: Mesh\nname: {mesh}\nnetworking:\n  outbound:\n    passthrough: false\n"
 
@@ -87,6 +89,90 @@ async def _traffic(busy: EnvoyProcess, upstream: EchoUpstream, stop: asyncio.Eve
     return sent
 
 
+def _config(port: int, workdir: Path, busy: EnvoyProcess, idle: EnvoyProcess) -> dict[str, Any]:
+    """The daemon's configuration: both sidecars as static targets, short cycles."""
+    return {
+        "listen": f"127.0.0.1:{port}",
+        "scrape": {"interval": "2s", "timeout": "1s"},
+        "window": "1m",
+        # The daemon's default is 60s: the demo's status page would say
+        # "No external destination seen" for its first minute.
+        "destinations": {"interval": "3s"},
+        "state": {"path": str(workdir / "passguard-state.db")},
+        "sources": [
+            {
+                "kind": "envoy",
+                "targets": [
+                    {
+                        "url": busy.admin_url,
+                        "labels": {
+                            "mesh": "payments",
+                            "service": "payments-api",
+                            "dataplane": "payments-api-1",
+                        },
+                    },
+                    {
+                        "url": idle.admin_url,
+                        "labels": {
+                            "mesh": "catalog",
+                            "service": "catalog-web",
+                            "dataplane": "catalog-web-1",
+                        },
+                    },
+                ],
+            }
+        ],
+    }
+
+
+async def _walkthrough(server: str, duration: float | None, workdir: Path,
+                       stop: asyncio.Event) -> None:
+    """Ask the gate about each mesh through the real CLI, then wait for the end."""
+    await asyncio.to_thread(_wait_ready, server, time.monotonic() + 30)
+    await asyncio.sleep(5)  # a few cycles: traffic has been seen since the first
+    await asyncio.to_thread(_wait_destinations, server, time.monotonic() + 15)
+    for mesh in ("payments", "catalog"):
+        _say(f"passguard check: may mesh '{mesh}' set passthrough: false?")
+        res = await asyncio.to_thread(
+            _passguard,
+            "check",
+            "-f",
+            "-",
+            "--server",
+            server,
+            stdin=MESH_OFF.format(mesh=mesh),
+        )
+        print(res.stdout + res.stderr, end="")
+        print(
+            f"(exit code {res.returncode}: "
+            f"{ {0: 'allowed', 1: 'refused'}.get(res.returncode, 'error') })"
+        )
+    _say("passguard destinations -o yaml: a MeshPassthrough keeping what was seen")
+    res = await asyncio.to_thread(_passguard, "destinations", "--server", server,
+                                  "--mesh", "payments", "-o", "yaml")
+    print(res.stdout + res.stderr, end="")
+    _say("passguard check: may that MeshPassthrough go in?")
+    res = await asyncio.to_thread(_passguard, "check", "-f", "-", "--server", server,
+                                  stdin=res.stdout)
+    print(res.stdout + res.stderr, end="")
+    print(f"(exit code {res.returncode}: "
+          f"{ {0: 'allowed', 1: 'refused'}.get(res.returncode, 'error') })")
+    _say("passguard status")
+    res = await asyncio.to_thread(_passguard, "status", "--server", server)
+    print(res.stdout + res.stderr, end="")
+    _say(
+        f"status page {server}/  ·  metrics {server}/metrics  ·  "
+        f"logs {workdir / 'passguard.log'}"
+    )
+    print(
+        "Ctrl-C stops the demo."
+        if duration is None
+        else f"The demo stops in {duration:g}s."
+    )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), duration)
+
+
 async def demo(port: int, duration: float | None, workdir: Path) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,40 +191,8 @@ async def demo(port: int, duration: float | None, workdir: Path) -> int:
             f"127.0.0.1:{busy.listener_port('ipv4')} (Kuma 1.1.2-2.x cluster names)"
         )
         print(f"catalog-web-1 (idle)   admin {idle.admin_url} (Kuma unified naming)")
-        cfg = {
-            "listen": f"127.0.0.1:{port}",
-            "scrape": {"interval": "2s", "timeout": "1s"},
-            "window": "1m",
-            # The daemon's default is 60s: the demo's status page would say
-            # "No external destination seen" for its first minute.
-            "destinations": {"interval": "3s"},
-            "state": {"path": str(workdir / "passguard-state.db")},
-            "sources": [
-                {
-                    "kind": "envoy",
-                    "targets": [
-                        {
-                            "url": busy.admin_url,
-                            "labels": {
-                                "mesh": "payments",
-                                "service": "payments-api",
-                                "dataplane": "payments-api-1",
-                            },
-                        },
-                        {
-                            "url": idle.admin_url,
-                            "labels": {
-                                "mesh": "catalog",
-                                "service": "catalog-web",
-                                "dataplane": "catalog-web-1",
-                            },
-                        },
-                    ],
-                }
-            ],
-        }
         cfg_path = workdir / "passguard.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        cfg_path.write_text(yaml.safe_dump(_config(port, workdir, busy, idle), sort_keys=False))
         traffic = asyncio.create_task(_traffic(busy, upstream, stop))
         _say(f"starting passguard: passguard run -c {cfg_path}")
         log = (workdir / "passguard.log").open("w")
@@ -150,49 +204,7 @@ async def demo(port: int, duration: float | None, workdir: Path) -> int:
         )
         server = f"http://127.0.0.1:{port}"
         try:
-            await asyncio.to_thread(_wait_ready, server, time.monotonic() + 30)
-            await asyncio.sleep(5)  # a few cycles: traffic has been seen since the first
-            await asyncio.to_thread(_wait_destinations, server, time.monotonic() + 15)
-            for mesh in ("payments", "catalog"):
-                _say(f"passguard check: may mesh '{mesh}' set passthrough: false?")
-                res = await asyncio.to_thread(
-                    _passguard,
-                    "check",
-                    "-f",
-                    "-",
-                    "--server",
-                    server,
-                    stdin=MESH_OFF.format(mesh=mesh),
-                )
-                print(res.stdout + res.stderr, end="")
-                print(
-                    f"(exit code {res.returncode}: "
-                    f"{ {0: 'allowed', 1: 'refused'}.get(res.returncode, 'error') })"
-                )
-            _say("passguard destinations -o yaml: a MeshPassthrough keeping what was seen")
-            res = await asyncio.to_thread(_passguard, "destinations", "--server", server,
-                                          "--mesh", "payments", "-o", "yaml")
-            print(res.stdout + res.stderr, end="")
-            _say("passguard check: may that MeshPassthrough go in?")
-            res = await asyncio.to_thread(_passguard, "check", "-f", "-", "--server", server,
-                                          stdin=res.stdout)
-            print(res.stdout + res.stderr, end="")
-            print(f"(exit code {res.returncode}: "
-                  f"{ {0: 'allowed', 1: 'refused'}.get(res.returncode, 'error') })")
-            _say("passguard status")
-            res = await asyncio.to_thread(_passguard, "status", "--server", server)
-            print(res.stdout + res.stderr, end="")
-            _say(
-                f"status page {server}/  ·  metrics {server}/metrics  ·  "
-                f"logs {workdir / 'passguard.log'}"
-            )
-            print(
-                "Ctrl-C stops the demo."
-                if duration is None
-                else f"The demo stops in {duration:g}s."
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), duration)
+            await _walkthrough(server, duration, workdir, stop)
         finally:
             stop.set()
             sent = await traffic

@@ -34,7 +34,8 @@ from bench.fleet import (
     prometheus_series,
     start_fleet,
 )
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, send_traffic
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, send_traffic
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, stats_filter
 from passguard.envoy.stats import ZERO, StatsParser
 

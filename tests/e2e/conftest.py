@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, Generation
+from passguard.demo.kuma_names import Generation
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream
 
 EnvoyFactory = Callable[..., Awaitable[EnvoyProcess]]
 

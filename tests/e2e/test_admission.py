@@ -22,7 +22,7 @@ import trustme
 
 from passguard import config as config_mod
 from passguard.app import Daemon
-from passguard.demo.sidecar import EchoUpstream, send_traffic
+from passguard.demo.traffic import EchoUpstream, send_traffic
 
 from .conftest import EnvoyFactory
 

@@ -14,7 +14,8 @@ import aiohttp
 
 from passguard import config as config_mod
 from passguard.app import Daemon
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, passthrough_connect
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, passthrough_connect
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN
 from passguard.envoy.promtext import PromStatsParser
 

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from passguard import config as config_mod
 from passguard.app import Daemon
-from passguard.demo.sidecar import EchoUpstream, passthrough_connect, send_traffic
+from passguard.demo.traffic import EchoUpstream, passthrough_connect, send_traffic
 
 from .conftest import EnvoyFactory
 

@@ -16,7 +16,7 @@ import aiohttp
 
 from passguard import config as config_mod
 from passguard.app import Daemon
-from passguard.demo.sidecar import EchoUpstream, passthrough_connect, send_traffic
+from passguard.demo.traffic import EchoUpstream, passthrough_connect, send_traffic
 from tests.kuma_cp import FakeKumaCP
 
 from .conftest import EnvoyFactory

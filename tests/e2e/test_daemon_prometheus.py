@@ -17,7 +17,7 @@ import aiohttp
 
 from passguard import config as config_mod
 from passguard.app import Daemon
-from passguard.demo.sidecar import EchoUpstream, send_traffic
+from passguard.demo.traffic import EchoUpstream, send_traffic
 
 from .conftest import EnvoyFactory
 from .procs import Prometheus, require_binary

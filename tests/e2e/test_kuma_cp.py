@@ -22,7 +22,8 @@ from urllib.parse import quote
 import pytest
 import trustme
 
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, passthrough_connect, send_traffic
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, passthrough_connect, send_traffic
 from passguard.envoy.admin import AdminClient
 from passguard.envoy.clusters import ClustersParser, Destination
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, stats_filter

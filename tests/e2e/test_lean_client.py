@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bench.fleet import start_fleet
-from passguard.demo.sidecar import EchoUpstream, send_traffic
+from passguard.demo.traffic import EchoUpstream, send_traffic
 from passguard.envoy.admin import AdminClient
 from passguard.envoy.lean import LeanClient, ScrapeClient
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, stats_filter

@@ -15,7 +15,8 @@ import ssl
 
 import pytest
 
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, passthrough_connect
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, passthrough_connect
 from passguard.envoy.clusters import ClustersParser
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, parse_route
 from passguard.policy.model import Match, Version

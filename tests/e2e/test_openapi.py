@@ -32,7 +32,7 @@ from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 from openapi_spec_validator import validate as validate_spec
 
-from passguard.demo.sidecar import EchoUpstream, passthrough_connect, send_traffic
+from passguard.demo.traffic import EchoUpstream, passthrough_connect, send_traffic
 from passguard.web.routes import build_app
 from tests.kuma_cp import FakeKumaCP
 

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from passguard.demo.sidecar import EchoUpstream, send_traffic
+from passguard.demo.traffic import EchoUpstream, send_traffic
 
 from .conftest import EnvoyFactory
 from .procs import REPO, Passguard, envoy_target, passguard_config, require_binary, wait_until

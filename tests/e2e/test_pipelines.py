@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from passguard.demo.sidecar import EchoUpstream, passthrough_connect, send_traffic
+from passguard.demo.traffic import EchoUpstream, passthrough_connect, send_traffic
 
 from .conftest import EnvoyFactory
 from .procs import (

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, send_traffic
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, send_traffic
 
 from .conftest import EnvoyFactory
 

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from passguard import __version__
-from passguard.demo.sidecar import EchoUpstream, send_traffic
+from passguard.demo.traffic import EchoUpstream, send_traffic
 from tests.ops.promql import RULES, DashboardQuery, dashboard_queries, metric_names
 
 from .conftest import EnvoyFactory

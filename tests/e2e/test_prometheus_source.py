@@ -37,7 +37,8 @@ import pytest
 
 from passguard import config as config_mod
 from passguard.app import Daemon
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, send_traffic
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, send_traffic
 from passguard.documents import Change, Resource
 from passguard.gate.decide import Evidence, decide
 from passguard.sources.prometheus import PrometheusSource, PrometheusSourceConfig

@@ -18,7 +18,7 @@ import yaml
 
 from passguard import config as config_mod
 from passguard.app import Daemon
-from passguard.demo.sidecar import EchoUpstream, send_traffic
+from passguard.demo.traffic import EchoUpstream, send_traffic
 from tests.kuma_cp import FakeKumaCP
 
 from .conftest import EnvoyFactory

@@ -17,22 +17,18 @@ import aiohttp
 import pytest
 import yaml
 
-from passguard.demo.sidecar import (
+from passguard.demo.envoy_config import TcpAdmin, UnixAdmin, build_config
+from passguard.demo.kuma_names import (
     GENERATIONS,
-    EchoUpstream,
-    EnvoyProcess,
     Generation,
     IpFamily,
-    TcpAdmin,
-    UnixAdmin,
-    build_config,
     listener_stat_prefix,
     passthrough_cluster_name,
-    passthrough_connect,
     passthrough_stat_name,
     sanitize_metric,
-    send_traffic,
 )
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, passthrough_connect, send_traffic
 from tests.kuma_fixtures import cross_check, kuma
 
 from .conftest import EnvoyFactory

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from passguard.demo.sidecar import EchoUpstream, send_traffic
+from passguard.demo.traffic import EchoUpstream, send_traffic
 from passguard.store.snapshot import Snapshot
 from passguard.web import status_page
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, passthrough_connect, send_traffic
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, passthrough_connect, send_traffic
 
 from .conftest import EnvoyFactory
 from .procs import REPO, Passguard, envoy_target, http, passguard_config

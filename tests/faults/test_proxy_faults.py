@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from passguard.demo.sidecar import EchoUpstream, send_traffic
+from passguard.demo.traffic import EchoUpstream, send_traffic
 from tests.e2e.conftest import EnvoyFactory
 
 from .conftest import DaemonFactory

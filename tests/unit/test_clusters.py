@@ -16,15 +16,9 @@ from urllib.parse import quote
 
 import pytest
 
-from passguard.demo.sidecar import (
-    EchoUpstream,
-    EnvoyProcess,
-    Generation,
-    passthrough_cluster_name,
-    passthrough_connect,
-    passthrough_stat_name,
-    send_traffic,
-)
+from passguard.demo.kuma_names import Generation, passthrough_cluster_name, passthrough_stat_name
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, passthrough_connect, send_traffic
 from passguard.envoy.clusters import ClustersParser, Destination
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, Family, stats_filter
 from passguard.envoy.stats import StatsParser

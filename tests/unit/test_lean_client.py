@@ -23,14 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from passguard.envoy.lean import (
-    FREE_BYTES,
-    AnswerError,
-    LeanClient,
-    ResponseParser,
-    ScrapeClient,
-    serves,
-)
+from passguard.envoy.admin import FREE_BYTES
+from passguard.envoy.http1 import AnswerError, ResponseParser
+from passguard.envoy.lean import LeanClient, ScrapeClient, serves
 from passguard.errors import ScrapeError
 
 pytestmark = pytest.mark.timeout(60)

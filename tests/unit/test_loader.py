@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from passguard import loader as loader_module
+from passguard import loader_yaml as loader_module
 from passguard.errors import InputError
 from passguard.loader import MAX_NUMBER_CHARS, Limits, load_documents
 from tests.kuma_fixtures import cross_check, kuma, own

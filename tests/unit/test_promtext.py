@@ -21,14 +21,9 @@ from urllib.parse import quote
 
 import pytest
 
-from passguard.demo.sidecar import (
-    GENERATIONS,
-    EchoUpstream,
-    EnvoyProcess,
-    Generation,
-    passthrough_connect,
-    send_traffic,
-)
+from passguard.demo.kuma_names import GENERATIONS, Generation
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, passthrough_connect, send_traffic
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, Family, stats_filter
 from passguard.envoy.promtext import PromStatsParser
 from passguard.envoy.stats import Counters, StatsParser, StatsReading

@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 
 from bench.fleet import FLEET_GENERATIONS, PATTERNS, Template, make_spec
 from passguard.config import build
-from passguard.demo.sidecar import families_of
+from passguard.demo.kuma_names import families_of
 from passguard.documents import parse_documents
 from passguard.envoy.clusters import ClustersParser
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN, FAMILIES, stats_filter
