@@ -16,11 +16,10 @@ import pytest
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN
 from passguard.envoy.stats import StatsParser
 from passguard.errors import ScrapeError
-from passguard.sources.kuma import (
+from passguard.sources.kuma import KumaSource, KumaSourceConfig
+from passguard.sources.kumawire import (
     DataplaneInfo,
     KumaApiError,
-    KumaSource,
-    KumaSourceConfig,
     is_online,
     parse_dataplane_item,
     parse_list_page,

@@ -29,20 +29,15 @@ from passguard.documents import Change, Resource
 from passguard.envoy.names import DEFAULT_CLUSTERS_PATTERN
 from passguard.envoy.stats import Counters
 from passguard.gate.decide import Evidence, decide
-from passguard.sources.prometheus import (
-    FACT,
-    PART,
-    PrometheusError,
+from passguard.sources.prometheus import PrometheusSource
+from passguard.sources.promevidence import build_evidence
+from passguard.sources.promql import FACT, PART, build_queries, duration
+from passguard.sources.promwire import PrometheusError, Sample, parse_vector
+from passguard.sources.settings import (
     PrometheusLabels,
-    PrometheusSource,
     PrometheusSourceConfig,
-    Sample,
-    build_evidence,
-    build_queries,
     check_config,
-    duration,
     parse_selector,
-    parse_vector,
     quote,
 )
 from passguard.store.snapshot import DataplaneEvidence

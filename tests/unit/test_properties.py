@@ -10,7 +10,7 @@ parser                                         may raise
 ``envoy.stats.StatsParser.parse``              ``ScrapeError``
 ``envoy.promtext.PromStatsParser.parse``       ``ScrapeError``
 ``envoy.clusters.ClustersParser.parse``        ``ScrapeError``
-``sources.kuma.parse_list_page``,              ``KumaApiError``
+``sources.kumawire.parse_list_page``,          ``KumaApiError``
 ``parse_mesh_item``, ``parse_dataplane_item``
 ``loader.load_documents``                 ``InputError``
 ``documents.parse_documents``             ``InputError``
@@ -62,7 +62,7 @@ from passguard.envoy.stats import StatsParser
 from passguard.errors import ConfigError, InputError, ScrapeError
 from passguard.gate.admission import parse_review
 from passguard.loader import load_documents
-from passguard.sources.kuma import (
+from passguard.sources.kumawire import (
     KumaApiError,
     is_online,
     parse_dataplane_item,
