@@ -35,7 +35,8 @@ from pathlib import Path
 import yaml
 
 from passguard import __version__
-from passguard.demo.sidecar import EchoUpstream, EnvoyProcess, send_traffic
+from passguard.demo.sidecar import EnvoyProcess
+from passguard.demo.traffic import EchoUpstream, send_traffic
 
 MESH_OFF = "type: Mesh\nname: {}\nnetworking:\n  outbound:\n    passthrough: false\n"
 UID = 65532

@@ -18,8 +18,10 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -35,7 +37,7 @@ from passguard.policy.model import MeshState
 from passguard.scraper import Scraper, ScrapeResult
 from passguard.sdnotify import Notifier
 from passguard.sources.sourceset import SourceSet
-from passguard.startup import fd_budget_warning, open_shadows, open_state
+from passguard.startup import fd_budget_warning, now_for_scheduler, open_shadows, open_state
 from passguard.store.snapshot import Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
@@ -71,12 +73,15 @@ class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        # What is opened is closed in the reverse order, by stop(): one stack.
+        self._stack = contextlib.AsyncExitStack()
         self.db, self.audit = open_state(config.state_path)
+        self._stack.push_async_callback(asyncio.to_thread, self.db.close)
+        self._stack.push_async_callback(asyncio.to_thread, self.audit.close)
         self.tokens = TokenStore(config.auth.tokens_file) if config.auth.tokens_file else None
         # As the file says it: config.listen becomes the bound port when it is 0,
         # and a reload is compared with the file, not with that.
         self._file_listen = config.listen
-        self._background: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Future[str | None]] = set()
         self.store = Store(config.window, config.stale_after, self.db)
         self.scraper = Scraper(config)
@@ -84,6 +89,9 @@ class Daemon:
         self.metrics = Metrics(lambda: self.store.snapshot,
                                lambda: [*self.sources.sources, *self.sources.prometheus])
         self.shadows = open_shadows(config.state_path, self.db, self.audit)
+        self._stack.push_async_callback(asyncio.to_thread, self.shadows.close)
+        # Closers look the methods up at stop time, not now.
+        self._stack.push_async_callback(lambda: self._close_sources())
         self.metrics.registry.register(self.shadows.collector(
             lambda: {t.mesh for t in self.store.targets.values()}, lambda: self.config.window))
         self.tls = CertReloader(config.auth.tls, self._use_tls,
@@ -92,6 +100,7 @@ class Daemon:
             if config.auth.tls else None
         self.notifier = Notifier.from_env()
         self.scheduler: AsyncIOScheduler | None = None
+        self._scraping = False  # scrape, destinations and discovery jobs too
         self.runner: web.AppRunner | None = None
         self._listener: Listener | None = None
         self.connections: ConnectionCap | None = None
@@ -209,20 +218,40 @@ class Daemon:
         """The control planes' current policy sets, per mesh (the gate's "before")."""
         return self.sources.mesh_states()
 
-    def _schedule(self) -> None:
+    def _job(self, func: Callable[[], Any], every: float, job_id: str,
+             first: object | None = None) -> None:
+        """Every periodic duty is a job of the one scheduler, with one rule: never
+        two runs of a job at once, and a run that cannot start on time is
+        skipped, not queued (each duty reads or writes state that the next run
+        reads again)."""
         assert self.scheduler is not None
-        self.scheduler.add_job(
-            self.cycle, "interval", seconds=self.config.scrape.interval, id=JOB_ID,
-            replace_existing=True, max_instances=1, coalesce=True,
-            # A cycle that cannot start on time is skipped, not queued: the next
-            # one reads the same cumulative counters.
-            misfire_grace_time=max(1, int(self.config.scrape.interval)),
-            next_run_time=_now_for_scheduler(),
-        )
-        self.scheduler.add_job(
-            self.destinations_cycle, "interval", seconds=self.config.destinations.interval,
-            id="destinations", replace_existing=True, max_instances=1, coalesce=True,
-            misfire_grace_time=max(1, int(self.config.destinations.interval)))
+        self.scheduler.add_job(func, "interval", seconds=every, id=job_id,
+                               replace_existing=True, max_instances=1, coalesce=True,
+                               misfire_grace_time=max(1, int(every)),
+                               **({"next_run_time": first} if first is not None else {}))
+
+    def _schedule(self) -> None:
+        """(Re)declare the jobs the config asks for; a reload calls it again."""
+        assert self.scheduler is not None
+        for job in self.scheduler.get_jobs():
+            if job.id.startswith("discovery-"):
+                job.remove()  # the sources were replaced: their jobs go with them
+        self._job(self._audit_retention, AUDIT_RETENTION_EVERY, "audit-retention",
+                  now_for_scheduler())
+        if self.tls is not None:
+            self._job(self._tls_reload, self.tls.cfg.reload_interval, "tls-reload")
+        if self._scraping:
+            self._job(self.cycle, self.config.scrape.interval, JOB_ID, now_for_scheduler())
+            self._job(self.destinations_cycle, self.config.destinations.interval,
+                      "destinations")
+            # start() discovered once already: the next pass after an interval.
+            for i, src in enumerate(self.sources.kuma):
+                self._job(src.discover, src.cfg.discovery_interval, f"discovery-{i}")
+
+    async def _tls_reload(self) -> None:
+        """Re-read the certificate files when they changed (auth.tls.reload_interval)."""
+        if self.tls is not None:
+            self.tls.settle(await asyncio.to_thread(self.tls.poll))
 
     # -- reload -----------------------------------------------------------------
 
@@ -323,9 +352,6 @@ class Daemon:
                                         new.limits.first_byte_timeout)
         await old_sources.close()
         if self.scheduler is not None:
-            self.sources.start()
-        if self.scheduler is not None and (new.scrape.interval, new.destinations.interval) != (
-                old.scrape.interval, old.destinations.interval):
             self._schedule()
 
     # -- lifecycle ----------------------------------------------------------------
@@ -357,6 +383,7 @@ class Daemon:
             first_byte_timeout=self.config.limits.first_byte_timeout,
             probe=lambda path: probe_answer(self, path),
             on_silent=self.metrics.connections_silent.inc)
+        self._stack.push_async_callback(lambda: self._close_web())
         self._listener = await Listener.open(
             self.connections, listen.host, listen.port, backlog=LISTEN_BACKLOG,
             tls=self.tls.context if self.tls else None,
@@ -370,21 +397,20 @@ class Daemon:
         log.info("listening on %s%s", "https://" if self.tls else "http://", self.config.listen)
         if (warning := fd_budget_warning(self.config)) is not None:
             log.warning("%s", warning)
-        if self.tls is not None:
-            self._background.append(asyncio.create_task(self.tls.run(self.stopping)))
-        self._background.append(asyncio.create_task(self._audit_retention()))
-        if schedule:
-            self.sources.start()
-            self.scheduler = AsyncIOScheduler()
-            self._schedule()
-            self.scheduler.start()
+        # One scheduler runs every periodic duty (tests that drive cycles
+        # themselves get the housekeeping jobs only).
+        self._scraping = schedule
+        self.scheduler = AsyncIOScheduler()
+        self._schedule()
+        self.scheduler.start()
+        self._stack.push_async_callback(lambda: self._stop_scheduler())
         self._maybe_ready()
 
     async def _audit_retention(self) -> None:
         """Drop audit entries older than ``audit.retention``, every minute: a
         minute's entries at a time go in a few short transactions
         (``AuditLog.prune``), where an hour's took seconds under load."""
-        while not self.stopping.is_set():
+        if not self.stopping.is_set():
             try:
                 removed = await asyncio.to_thread(
                     self.audit.prune, time.time() - self.config.audit.retention)
@@ -402,12 +428,15 @@ class Daemon:
                                 self.config.audit.max_bytes)
             except Exception as exc:
                 log.error("audit retention failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), AUDIT_RETENTION_EVERY)
 
     async def stop(self) -> None:
+        """Everything start (and __init__) opened, closed in the reverse order."""
         self.notifier.stopping()
         self.stopping.set()
+        await self._stack.aclose()
+        log.info("stopped")
+
+    async def _stop_scheduler(self) -> None:
         # Let a cycle in flight finish (its database write included: nothing
         # half-recorded) before the scheduler goes; shutting the scheduler down
         # first cancelled the cycle, with an ERROR in the log at every stop.
@@ -415,11 +444,8 @@ class Daemon:
             if self.scheduler is not None:
                 self.scheduler.shutdown(wait=False)
                 self.scheduler = None
-            await self.scraper.close()
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        await self.sources.close()
+
+    async def _close_web(self) -> None:
         if self._listener is not None:
             self._listener.close()  # no new connections; cleanup() ends the open ones
         if self.runner is not None:
@@ -428,19 +454,11 @@ class Daemon:
         if self._listener is not None:
             await self._listener.wait_closed()
             self._listener = None
-        await asyncio.to_thread(self.db.close)
-        await asyncio.to_thread(self.shadows.close)
-        await asyncio.to_thread(self.audit.close)
-        log.info("stopped")
 
-    async def watchdog(self) -> None:
-        interval = self.notifier.watchdog_interval()
-        if not interval:
-            return
-        while not self.stopping.is_set():
-            self.notifier.watchdog()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval)
+    async def _close_sources(self) -> None:
+        # The current ones: a reload replaces both.
+        await self.scraper.close()
+        await self.sources.close()
 
     def _reload_in_background(self) -> None:
         # Keep a reference: a task nobody holds may be collected mid-run.
@@ -469,24 +487,12 @@ class Daemon:
         gc.freeze()
         self.heap.enabled = True  # and again after each cycle (passguard.heap)
         sys.setswitchinterval(SWITCH_INTERVAL)
-        dog = asyncio.create_task(self.watchdog())
+        if interval := self.notifier.watchdog_interval():
+            # A job like every duty: a stuck event loop stops the pings too.
+            self._job(self.notifier.watchdog, interval, "watchdog")
         try:
             await self.stopping.wait()
         finally:
             log.info("stopping")
             await self.stop()
-            await dog
 
-
-def _now_for_scheduler() -> object:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)  # noqa: UP017 - APScheduler 3 wants a tz-aware datetime
-
-
-def run(config_path: Path, config: config_mod.Config | None = None) -> int:
-    """Run the daemon; ``config`` when the caller has read ``config_path`` already."""
-    config = config or config_mod.load(config_path)
-    daemon = Daemon(config, config_path)
-    asyncio.run(daemon.run_forever())
-    return 0

@@ -319,7 +319,7 @@ def cmd_token_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from passguard.app import run
+    from passguard.app import Daemon
     from passguard.logqueue import log_off_the_loop
 
     cfg = config_mod.load(args.config)
@@ -327,7 +327,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _log_format(cfg.log_format)
     writer = log_off_the_loop()
     try:
-        return run(Path(args.config), cfg)
+        asyncio.run(Daemon(cfg, Path(args.config)).run_forever())
+        return EXIT_OK
     finally:
         writer.stop()  # what is still queued is written before the exit
 

@@ -57,3 +57,10 @@ def open_shadows(path: Path, db: StateDB, audit: AuditLog) -> Shadows:
         audit.close()
         raise PassguardError(f"state.path: cannot open the shadow tables in {path}: "
                              f"{exc}") from None
+
+
+def now_for_scheduler() -> object:
+    """A job's first run, now: APScheduler 3 wants a timezone-aware datetime."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)  # noqa: UP017

@@ -182,12 +182,6 @@ class KumaSource:
         self.overview_path = old.overview_path
         self._rebuild()
 
-    async def run(self) -> None:
-        """Discover every ``discovery_interval`` until cancelled."""
-        while True:
-            await self.discover()
-            await asyncio.sleep(self.cfg.discovery_interval)
-
     async def close(self) -> None:
         session, self._session = self._session, None
         if session is not None:

@@ -44,7 +44,6 @@ class SourceSet:
                     outbound_port=config.outbound_port))
         self._kuma_of: dict[str, KumaSource] = {}
         self._ssl: dict[int, SSLContext | None] = {}
-        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def kuma(self) -> list[KumaSource]:
@@ -115,14 +114,7 @@ class SourceSet:
         """One pass of every control plane (each bounded by its own timeout)."""
         await asyncio.gather(*(s.discover() for s in self.kuma))
 
-    def start(self) -> None:
-        self._tasks = [asyncio.create_task(s.run()) for s in self.kuma]
-
     async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         for src in self.kuma:
             await src.close()
         for prom in self.prometheus:

@@ -18,7 +18,6 @@ is logged and counted, and the previous context keeps serving.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import ssl
@@ -247,9 +246,4 @@ class CertReloader:
         """poll() and settle() in one; blocking."""
         return self.settle(self.poll())
 
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.cfg.reload_interval)
-            except TimeoutError:
-                self.settle(await asyncio.to_thread(self.poll))
+

@@ -196,21 +196,6 @@ async def test_old_kuma_without_overview(cp: FakeKumaCP, token_file: Path,
     assert not any("/_overview" in r.path_qs for r in cp.requests)
 
 
-async def test_run_rediscovers_every_interval(cp: FakeKumaCP, token_file: Path,
-                                             sources: Sources) -> None:
-    cp.add_dataplane("default", "web-1")
-    source = sources(cp, token_file, discovery_interval=0.1)
-    task = asyncio.create_task(source.run())
-    try:
-        await _until(lambda: keys(source) == ["default/web-1"])
-        cp.add_dataplane("default", "web-2")
-        await _until(lambda: keys(source) == ["default/web-1", "default/web-2"])
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-
 # --------------------------------------------------------------------------- failures
 
 
