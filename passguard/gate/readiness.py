@@ -23,17 +23,16 @@ The semantics were read from ``KUMA_SOURCE`` (docs/semantics.md M6, §9).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from passguard.envoy.names import parse_route
 from passguard.gate import fixes
 from passguard.gate.fixes import without_nulls
+from passguard.gate.rows import reached as reached_of
 from passguard.gate.rows import transport_word
 from passguard.policy.effective import Effective, applies, effective
-from passguard.policy.model import Match, MeshFlag, MeshState, Policy, Proxy, Version
+from passguard.policy.model import MeshFlag, MeshState, Policy, Proxy, Version
 from passguard.policy.reach import Reached
 from passguard.policy.select import selects, supported_kinds
 from passguard.policy.validation import Rejected, match_errors, rejected
@@ -99,25 +98,8 @@ def _unselected(policies: Sequence[Policy], proxy: Proxy, version: Version) -> b
 
 
 def _reached(dest: DestinationView) -> Reached:
-    """The destination as the model judges it: transport and entry from the
-    ``meshpassthrough_*`` cluster that carried it, when one did."""
-    for route in dest.routes:
-        parsed = parse_route(route)
-        if parsed is None or parsed[0] is None:
-            continue
-        proto, value, port = parsed
-        kind = "CIDR" if "/" in value else "IP" if _ip(value) else "Domain"
-        return Reached(dest.ip, dest.port, "tls" if proto == "tls" else "raw",
-                       Match(kind, value, port, proto))
-    return Reached(dest.ip, dest.port)
-
-
-def _ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
+    """The destination as the model judges it (the gate's one reading)."""
+    return reached_of(dest.address, dest.routes)
 
 
 def _transport(reached: Reached) -> str | None:

@@ -9,6 +9,7 @@ The transport and the appendMatch entry of a destination come from the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,19 +36,28 @@ class Window(Protocol):
     def time(self) -> float: ...
 
 
-def via_of(dest: DestinationView) -> tuple[str | None, Match | None]:
-    """The transport and the entry a destination went by, from the
-    meshpassthrough_* cluster names that carried it (one is enough)."""
-    for route in dest.routes:
+@functools.lru_cache(maxsize=65_536)
+def reached(address: str, routes: tuple[str, ...]) -> Reached:
+    """An observed destination as the policy model sees it: ``ip:port``, and
+    the transport and entry when a ``meshpassthrough_*`` cluster carried it
+    (one is enough; Kuma 2.8 - 2.9.1 names say no protocol)."""
+    host, _, port = address.rpartition(":")
+    ip = host[1:-1] if host.startswith("[") else host
+    for route in routes:
         parsed = parse_route(route)
-        if parsed is None:
+        if parsed is None or parsed[0] is None:
             continue
-        proto, value, port = parsed
-        if proto is None:
-            continue  # Kuma 2.8 - 2.9.1 names say no protocol
+        proto, value, mport = parsed
         kind = "CIDR" if "/" in value else "IP" if _is_ip(value) else "Domain"
-        return ("tls" if proto == "tls" else "raw"), Match(kind, value, port, proto)
-    return None, None
+        return Reached(ip, int(port), "tls" if proto == "tls" else "raw",
+                       Match(kind, value, mport, proto))
+    return Reached(ip, int(port))
+
+
+def via_of(dest: DestinationView) -> tuple[str | None, Match | None]:
+    """The transport and the entry a destination went by."""
+    r = reached(dest.address, dest.routes)
+    return r.transport, r.via
 
 
 def _is_ip(value: str) -> bool:
@@ -61,11 +71,6 @@ def _is_ip(value: str) -> bool:
 def transport_word(transport: str | None) -> str | None:
     """``tls`` or ``tcp`` (plain) as the API and appendMatch spell them."""
     return None if transport is None else "tls" if transport == "tls" else "tcp"
-
-
-def _reached(dest: DestinationView) -> Reached:
-    transport, via = via_of(dest)
-    return Reached(dest.ip, dest.port, transport, via)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -133,13 +138,13 @@ def judge_row(row: Row, d: DataplaneEvidence | None, dests: list[DestinationView
             continue
         explained += dest.window_connections
         explained_active += dest.active
-        reached = _reached(dest)
+        seen = reached(dest.address, dest.routes)
         count = dest.window_connections or dest.active
-        outcome = row.after.keeps(reached)
+        outcome = row.after.keeps(seen)
         if outcome == "cut":
-            row.lost.append((dest.address, reached.transport, count))
+            row.lost.append((dest.address, seen.transport, count))
         elif outcome == "unproven":
-            row.unproven.append((dest.address, reached.transport, count, _why(row.after, reached)))
+            row.unproven.append((dest.address, seen.transport, count, _why(row.after, seen)))
     # Connections no observed destination explains (Envoy drops idle hosts
     # from /clusters within seconds; PromQL evidence has no /clusters at all).
     if ev.inventory and d.origin == "scrape":

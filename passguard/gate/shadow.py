@@ -18,19 +18,17 @@ shadow code imports the document parser from (it may move).
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from passguard.documents import DEFAULT_MAX_MATCHES, Change, parse_documents
-from passguard.envoy.names import parse_route
 from passguard.errors import InputError
 from passguard.gate import plan as plans
+from passguard.gate.rows import reached, transport_word
 from passguard.policy.effective import Effective
-from passguard.policy.model import Match, MeshState
+from passguard.policy.model import MeshState
 from passguard.policy.reach import Reached
 from passguard.store.destinations import Destination
 from passguard.targets import Target
@@ -128,35 +126,6 @@ def increments(book: Iterable[tuple[str, Destination]], since: float) -> list[In
     return out
 
 
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=65_536)
-def reached(address: str, routes: tuple[str, ...]) -> Reached:
-    """The destination as the policy model sees it: ``ip:port``, and the
-    transport and entry when a ``meshpassthrough_*`` cluster carried it (the
-    same reading as ``gate.decide.via_of``, which imports the config)."""
-    host, _, port = address.rpartition(":")
-    ip = host[1:-1] if host.startswith("[") else host
-    for route in routes:
-        parsed = parse_route(route)
-        if parsed is None or parsed[0] is None:
-            continue
-        proto, value, mport = parsed
-        kind = "CIDR" if "/" in value else "IP" if _is_ip(value) else "Domain"
-        return Reached(ip, int(port), "tls" if proto == "tls" else "raw",
-                       Match(kind, value, mport, proto))
-    return Reached(ip, int(port))
-
-
-def transport_word(r: Reached) -> str | None:
-    return None if r.transport is None else "tls" if r.transport == "tls" else "tcp"
-
 
 # --------------------------------------------------------------------------- after-state
 
@@ -253,7 +222,7 @@ def evaluate(shadow: Shadow, after: Mapping[str, Effective], incs: Iterable[Incr
         d = tally.destinations.get(k)
         if d is None:
             d = tally.destinations[k] = DestTally()
-        d.transport = transport_word(r) or d.transport
+        d.transport = transport_word(r.transport) or d.transport
         if outcome == "kept":
             d.allowed += inc.n
             continue
