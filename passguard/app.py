@@ -34,10 +34,11 @@ from passguard.heap import Freezer
 from passguard.metrics import Metrics
 from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
 from passguard.policy.model import MeshState
-from passguard.scraper import Scraper, ScrapeResult
+from passguard.scraper import ClustersRead, Scraper, ScrapeResult
 from passguard.sdnotify import Notifier
 from passguard.sources.sourceset import SourceSet
 from passguard.startup import fd_budget_warning, now_for_scheduler, open_shadows, open_state
+from passguard.store.destinations import Destination
 from passguard.store.snapshot import Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
@@ -47,7 +48,6 @@ from passguard.web.connections import ConnectionCap
 from passguard.web.listener import Listener
 from passguard.web.routes import build_app, probe_answer
 from passguard.web.tls import CertReloader
-from passguard.yielding import Budget
 
 log = logging.getLogger(__name__)
 JOB_ID = "scrape"
@@ -88,6 +88,8 @@ class Daemon:
         self.sources = SourceSet(config)
         self.metrics = Metrics(lambda: self.store.snapshot,
                                lambda: [*self.sources.sources, *self.sources.prometheus])
+        # Each dataplane's /metrics lines are written as its evidence is.
+        self.store.on_evidence = self.metrics.snapshot.lines.warm
         self.shadows = open_shadows(config.state_path, self.db, self.audit)
         self._stack.push_async_callback(asyncio.to_thread, self.shadows.close)
         # Closers look the methods up at stop time, not now.
@@ -146,7 +148,8 @@ class Daemon:
                 # the failure is counted and logged for the operator.
                 self.metrics.persist_failures.inc()
                 log.error("could not write state to %s: %s", self.config.state_path, exc)
-            await self.store.build_snapshot_async(now, extra, prepare=self._prepare)
+            # Evidence was computed as results came in: this only assembles it.
+            await self.store.publish(self.store.assemble(now, extra), self._prepare)
             self.heap.after_cycle()
             self.metrics.cycle_seconds.set(time.monotonic() - start)
             failed = sum(1 for r in results if r.error)
@@ -171,42 +174,41 @@ class Daemon:
         spread = spread_for(len(targets), dests.spread, dests.interval,
                             self.config.scrape.timeout, AUTO_CLUSTERS_RATE)
         marks: dict[str, tuple[float, tuple[int, int]] | None] = {}
+        changed: list[tuple[str, Destination]] = []
 
         def started(t: Target) -> None:
             marks[t.key] = self.store.clusters_mark(t.key)
 
-        reads = await self.scraper.clusters_pass(targets, self.sources.request_for, spread,
-                                                 started)
-        ok = [(t, at, dests) for t, at, dests, _ in reads if dests is not None]
-        for t, _, _, err in reads:
-            if err is not None:
+        def done(read: ClustersRead) -> None:
+            # Recorded as each read ends, like the scrapes (its views computed then).
+            t, at, found, err = read
+            if found is not None:
+                changed.extend(self.store.record_destinations([(t, at, found)]))
+            else:
                 log.debug("destinations of %s: %s", t.key, err)
-        # The reads took up to a whole interval; what follows changes the book
-        # and replaces the snapshot, so it waits for a running scrape cycle:
-        # interleaved, the cycle would publish the views it took before this.
+            self.store.set_clusters_mark(t.key, marks.get(t.key) if found is not None else None)
+
+        await self.scraper.clusters_pass(targets, self.sources.request_for, spread, started, done)
+        # Writing the changes and replacing the snapshot waits for a running
+        # cycle, which would otherwise publish its older views after this.
         async with self._cycle_lock:
-            budget = Budget()
-            changed = await self.store.record_destinations_async(ok, budget)
-            for t, _, found, _ in reads:
-                self.store.set_clusters_mark(t.key, marks.get(t.key) if found is not None
-                                             else None)
             now = time.time()
             try:
                 await self.store.persist_destinations(changed, now)
             except Exception as exc:
                 self.metrics.persist_failures.inc()
                 log.error("could not write destinations to %s: %s", self.config.state_path, exc)
-            await self._evaluate_shadows(now, budget)
-            views = await self.store.book.views_async(now - self.config.window, budget)
-            await self.store.publish_async(replace(self.store.snapshot, destinations=views),
-                                           budget, self._prepare)
+            await self._evaluate_shadows(now)
+            await self.store.publish(replace(self.store.snapshot,
+                                             destinations=self.store.views(now)),
+                                     self._prepare)
 
-    async def _evaluate_shadows(self, now: float, budget: Budget) -> None:
+    async def _evaluate_shadows(self, now: float) -> None:
         """After the destinations are written (a crash in between evaluates
         the same increments again, never counts one twice): see passguard/shadows.py."""
         try:
             await self.shadows.evaluate(self.store.book.all(), self.store.targets.values(),
-                                        self.mesh_states(), now, budget)
+                                        self.mesh_states(), now)
         except Exception as exc:
             self.metrics.persist_failures.inc()
             log.error("could not evaluate shadows into %s: %s", self.config.state_path, exc)

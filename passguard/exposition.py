@@ -1,25 +1,20 @@
 """The per-dataplane part of ``GET /metrics``, rendered straight from a snapshot.
 
-With 1,000 dataplanes this part is ~17,000 series. Built as prometheus_client
-``Metric`` objects and encoded by ``generate_latest`` it took 250–300 ms of the
-event loop per scrape of passguard, and every gate request waited behind it
-(``docs/reliability.md`` §5). Here the same bytes are written directly (one
-f-string per series, label values escaped once per dataplane), in slices of at
-most ~1 ms (``passguard.yielding``) between which the loop serves requests, and the result is
-kept until the snapshot changes: a Prometheus scraping every 15 s and one
-scraping every second cost the same.
-
-The output is byte for byte what ``generate_latest`` (text 0.0.4) and the
-OpenMetrics encoder of prometheus_client write for the same families, with
-the same name escaping: ``tests/unit/test_exposition.py`` holds the old
-collector as the oracle. Destinations are never labels here (cardinality):
-they live in the JSON API.
+Each dataplane's lines are written (one f-string per series, label values
+escaped once) when its evidence is computed, that is when its scrape is
+recorded (:meth:`Lines.warm`), and kept while that evidence is the one
+published; a render then only joins them, and its result is kept until the
+snapshot changes. Invariant: the bytes are exactly what prometheus_client's
+encoders (text 0.0.4, OpenMetrics, every name escaping) write for the same
+families (``tests/unit/test_exposition.py`` holds the library as the oracle).
+Destinations are never labels here (cardinality): they live in the JSON API.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,7 +27,6 @@ from prometheus_client.utils import floatToGoString as _go_float
 
 from passguard.envoy.stats import Counters
 from passguard.store.snapshot import STATES, DataplaneEvidence, Snapshot, mesh_summary
-from passguard.yielding import Budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,116 +135,138 @@ def _spelling(fmt: Format) -> dict[str, tuple[str, str]]:
     return spelled
 
 
+#: The per-dataplane families, in output order: a dataplane's lines are one
+#: bytes per section.
+SECTIONS = (CONNECTIONS, ACTIVE, BYTES, BLOCKED, FAILURES, OVERFLOW, UP, DURATION, LAST_OK)
+#: Dataplanes joined between two turns of the event loop in a render.
+ROWS_PER_TURN = 2_000
+#: A format nobody asked for in this long is no longer written ahead.
+FORMAT_IDLE_SECONDS = 600.0
+
+
 @dataclass(frozen=True, slots=True)
-class _Row:
-    """One dataplane's label text, escaped once for all its series."""
+class _Names:
+    """A format's spelling of every name a dataplane's lines use."""
 
-    dp: DataplaneEvidence
-    head: str  # dataplane="…"
-    tail: str  # mesh="…"  (the labels after `family`, sorted)
-    short: str  # dataplane="…",mesh="…" for the per-target gauges
+    samples: tuple[str, ...]  # per SECTIONS
+    dataplane: str
+    mesh: str
+    service: str
+    family: str
+    direction: str
 
 
-def _rows(snap: Snapshot, fmt: Format, rows: list[_Row], full: Callable[[], bool]
-          ) -> Iterator[list[str]]:
-    """Fills ``rows``, yielding (nothing to write) whenever ``full()``."""
-    dp_l, mesh_l, svc_l = fmt.label("dataplane"), fmt.label("mesh"), fmt.label("service")
-    for dp in snap.dataplanes:
-        if full():
-            yield []
+@functools.cache
+def _names(fmt: Format) -> _Names:
+    return _Names(tuple(fmt.sample_name(f) for f in SECTIONS), fmt.label("dataplane"),
+                  fmt.label("mesh"), fmt.label("service"), fmt.label("family"),
+                  fmt.label("direction"))
+
+
+def lines_of(dp: DataplaneEvidence, fmt: Format) -> tuple[bytes, ...]:
+    """One dataplane's series, one bytes per section (empty where it has none).
+    Labels are sorted by name, as prometheus_client writes them: dataplane,
+    [direction,] family, mesh, service."""
+    n = _names(fmt)
+    t = dp.target
+    head = f'{n.dataplane}="{_value(t.dataplane)}"'
+    mesh = f'{n.mesh}="{_value(t.mesh)}"'
+    tail = f'{mesh},{n.service}="{_value(t.service)}"'
+    fams = sorted(dp.latest.items())
+
+    def counter(name: str, get: Callable[[Counters], int]) -> bytes:
+        return "".join(f'{name}{{{head},{n.family}="{family}",{tail}}} {_num(get(c))}\n'
+                       for family, c in fams).encode()
+
+    out = [counter(n.samples[i], get) for i, (_, get) in enumerate(COUNTER_SERIES[:2])]
+    out.append("".join(
+        f'{n.samples[2]}{{{head},{n.direction}="{direction}",{n.family}="{family}",'
+        f"{tail}}} {_num(v)}\n"
+        for family, c in fams
+        for direction, v in (("sent", c.tx_bytes), ("received", c.rx_bytes))).encode())
+    out.extend(counter(n.samples[3 + i], get) for i, (_, get) in enumerate(COUNTER_SERIES[2:]))
+    if dp.state == "offline":
+        return (*out, b"", b"", b"")
+    short = f"{head},{mesh}"
+    for i, g in ((6, 1.0 if dp.state == "fresh" else 0.0), (7, dp.scrape_duration),
+                 (8, dp.last_success)):
+        out.append(b"" if g is None else f"{n.samples[i]}{{{short}}} {_num(g)}\n".encode())
+    return tuple(out)
+
+
+class Lines:
+    """Each dataplane's lines per format, kept while its evidence is the same
+    object. Formats are the ones asked for lately (a Prometheus asks for one)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # format → dataplane key → (the evidence the lines are of, the lines)
+        self._by_fmt: dict[Format, dict[str, tuple[DataplaneEvidence, tuple[bytes, ...]]]] = {}
+        self._asked: dict[Format, float] = {}
+
+    def warm(self, dp: DataplaneEvidence) -> None:
+        """Write ``dp``'s lines now, for every format asked for lately."""
         if dp.origin != "scrape":
-            # Its series already live in the Prometheus it came from:
-            # exporting them again would double them there.
-            continue
-        t = dp.target
-        head = f'{dp_l}="{_value(t.dataplane)}"'
-        mesh = f'{mesh_l}="{_value(t.mesh)}"'
-        rows.append(_Row(dp, head, f'{mesh},{svc_l}="{_value(t.service)}"', f"{head},{mesh}"))
+            return
+        for fmt, cache in self._by_fmt.items():
+            cache[dp.target.key] = (dp, lines_of(dp, fmt))
+
+    def parts(self, snap: Snapshot, fmt: Format) -> Iterator[list[bytes]]:
+        """The rows of ``snap`` in pieces of ROWS_PER_TURN dataplanes (lines
+        written ahead where they are of the same evidence), then the sections."""
+        now = self._clock()
+        self._asked[fmt] = now
+        for old in [f for f, t in self._asked.items() if now - t > FORMAT_IDLE_SECONDS]:
+            del self._asked[old]
+            self._by_fmt.pop(old, None)
+        cache = self._by_fmt.setdefault(fmt, {})
+        rows: list[tuple[bytes, ...]] = []
+        for i, dp in enumerate(d for d in snap.dataplanes if d.origin == "scrape"):
+            # Not from Prometheus: its series already live in the Prometheus
+            # it came from, and exporting them again would double them there.
+            got = cache.get(dp.target.key)
+            if got is None:
+                got = cache[dp.target.key] = (dp, lines_of(dp, fmt))
+            elif got[0] is not dp:
+                # Written ahead for newer evidence (kept), or of older evidence.
+                got = (dp, lines_of(dp, fmt))
+            rows.append(got[1])
+            if i % ROWS_PER_TURN == ROWS_PER_TURN - 1:
+                yield []
+        if len(cache) > len(rows):
+            keys = {d.target.key for d in snap.dataplanes}
+            for key in [k for k in cache if k not in keys]:
+                del cache[key]
+        for i, fam in enumerate(SECTIONS):
+            yield [fmt.header(fam).encode(), *(r[i] for r in rows)]
+        yield [_summaries(snap, fmt).encode()]
 
 
-def _never() -> bool:
-    return False
-
-
-def _slices(snap: Snapshot, fmt: Format, full: Callable[[], bool] = _never
-            ) -> Iterator[list[str]]:
-    """The exposition in pieces: one ends, after a dataplane, when ``full()``."""
-    rows: list[_Row] = []
-    yield from _rows(snap, fmt, rows, full)
-    fam_l, dir_l = fmt.label("family"), fmt.label("direction")
-    out: list[str] = []
-
-    # Labels are sorted by name, as prometheus_client writes them:
-    # dataplane, [direction,] family, mesh, service.
-    def counters(fam: Family, get: Callable[[Counters], int]) -> Iterator[list[str]]:
-        nonlocal out
-        out.append(fmt.header(fam))
-        name = fmt.sample_name(fam)
-        for r in rows:
-            for family, c in sorted(r.dp.latest.items()):
-                out.append(f'{name}{{{r.head},{fam_l}="{family}",{r.tail}}} {_num(get(c))}\n')
-            if full():
-                yield out
-                out = []
-
-    for fam, get in COUNTER_SERIES[:2]:
-        yield from counters(fam, get)
-    out.append(fmt.header(BYTES))
-    name = fmt.sample_name(BYTES)
-    for r in rows:
-        for family, c in sorted(r.dp.latest.items()):
-            for direction, v in (("sent", c.tx_bytes), ("received", c.rx_bytes)):
-                out.append(f'{name}{{{r.head},{dir_l}="{direction}",{fam_l}="{family}",'
-                           f"{r.tail}}} {_num(v)}\n")
-        if full():
-            yield out
-            out = []
-    for fam, get in COUNTER_SERIES[2:]:
-        yield from counters(fam, get)
-    online = [r for r in rows if r.dp.state != "offline"]
-    gauges: tuple[tuple[Family, Callable[[DataplaneEvidence], float | None]], ...] = (
-        (UP, lambda dp: 1.0 if dp.state == "fresh" else 0.0),
-        (DURATION, lambda dp: dp.scrape_duration),
-        (LAST_OK, lambda dp: dp.last_success),
-    )
-    for fam, value in gauges:
-        out.append(fmt.header(fam))
-        name = fmt.sample_name(fam)
-        for r in online:
-            g = value(r.dp)
-            if g is not None:
-                out.append(f"{name}{{{r.short}}} {_num(g)}\n")
-            if full():
-                yield out
-                out = []
+def _summaries(snap: Snapshot, fmt: Format) -> str:
     mesh_l, state_l = fmt.label("mesh"), fmt.label("state")
     summaries = [(_value(m), mesh_summary(m, snap.for_mesh(m))) for m in snap.meshes()]
-    out.append(fmt.header(WINDOW))
+    out = [fmt.header(WINDOW)]
     name = fmt.sample_name(WINDOW)
-    out.extend(f'{name}{{{mesh_l}="{m}"}} {_num(s["connections"])}\n'
-               for m, s in summaries)
+    out.extend(f'{name}{{{mesh_l}="{m}"}} {_num(s["connections"])}\n' for m, s in summaries)
     out.append(fmt.header(STATES_FAMILY))
     name = fmt.sample_name(STATES_FAMILY)
     out.extend(f'{name}{{{mesh_l}="{m}",{state_l}="{state}"}} '
                f'{_num(s["dataplanes"][state])}\n'
                for m, s in summaries for state in STATES)
-    yield out
+    return "".join(out)
 
 
-def render(snap: Snapshot, fmt: Format) -> bytes:
+def render(snap: Snapshot, fmt: Format, lines: Lines | None = None) -> bytes:
     """The whole part at once (tests, and the CLI that has no loop to share)."""
-    return b"".join("".join(part).encode() for part in _slices(snap, fmt))
+    return b"".join(b for part in (lines or Lines()).parts(snap, fmt) for b in part)
 
 
-async def render_async(snap: Snapshot, fmt: Format, budget: Budget | None = None) -> bytes:
-    """The same bytes, handing the loop back whenever ``budget`` is spent."""
-    budget = budget or Budget()
+async def render_async(snap: Snapshot, fmt: Format, lines: Lines | None = None) -> bytes:
+    """The same bytes, a turn of the loop between pieces."""
     chunks: list[bytes] = []
-    for part in _slices(snap, fmt, budget.spent):
-        # Encoded slice by slice: one join of the 1.5 MB of 1,000 dataplanes
-        # took ~3 ms of the loop in one piece.
-        chunks.append("".join(part).encode())
-        await budget.pause()
+    for part in (lines or Lines()).parts(snap, fmt):
+        chunks.extend(part)
+        await asyncio.sleep(0)
     return b"".join(chunks)
 
 
@@ -259,13 +275,14 @@ class SnapshotExposition:
 
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self._snapshot = snapshot
+        self.lines = Lines()
         self._cache: dict[Format, tuple[Snapshot, asyncio.Future[bytes]]] = {}
 
     async def get(self, fmt: Format) -> bytes:
         snap = self._snapshot()
         cached = self._cache.get(fmt)
         if cached is None or cached[0] is not snap:
-            cached = (snap, asyncio.ensure_future(render_async(snap, fmt)))
+            cached = (snap, asyncio.ensure_future(render_async(snap, fmt, self.lines)))
             self._cache[fmt] = cached
         # Shielded: a scraper that hangs up must not cancel the render the
         # others (and the next scrape) wait for.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ssl import SSLContext
 
@@ -31,6 +31,9 @@ from passguard.envoy.stats import StatsParser, StatsReading
 from passguard.errors import ScrapeError
 from passguard.pacing import paced
 from passguard.targets import Target
+
+#: One ``/clusters`` read: the target, when, what it listed (None: failed), the error.
+ClustersRead = tuple[Target, float, list[Destination] | None, str | None]
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,7 @@ class Scraper:
         else:
             log.log(level, "scrape of %s failed: %s", target.key, error)
 
-    async def read_clusters(self, target: Target, req: Request | None = None
-                            ) -> tuple[Target, float, list[Destination] | None, str | None]:
+    async def read_clusters(self, target: Target, req: Request | None = None) -> ClustersRead:
         """One ``/clusters`` read: the destinations of the passthrough clusters."""
         if req is not None and req.invalid is not None:
             return target, time.time(), None, req.invalid
@@ -168,13 +170,14 @@ class Scraper:
     async def clusters_pass(self, targets: list[Target],
                             request_for: Callable[[Target], Request | None],
                             spread: float = 0.0,
-                            on_start: Callable[[Target], None] | None = None
-                            ) -> list[tuple[Target, float, list[Destination] | None, str | None]]:
+                            on_start: Callable[[Target], None] | None = None,
+                            on_done: Callable[[ClustersRead], None] | None = None
+                            ) -> list[ClustersRead]:
         """Every online target's ``/clusters``, the starts spread over ``spread``
-        seconds; ``on_start`` sees each target as its read starts."""
+        seconds; ``on_start`` sees each target as its read starts, ``on_done``
+        each read as it ends."""
 
-        def one(t: Target) -> Awaitable[tuple[Target, float, list[Destination] | None,
-                                              str | None]]:
+        async def one(t: Target) -> ClustersRead:
             if on_start is not None:
                 on_start(t)
             try:
@@ -182,7 +185,10 @@ class Scraper:
             except Exception as exc:  # one target, never the pass
                 _log_unexpected(f"reading {t.key}", exc)
                 req = Request("", "", {}, "envoy", None, invalid=_internal(exc))
-            return self.read_clusters(t, req)
+            read = await self.read_clusters(t, req)
+            if on_done is not None:
+                on_done(read)
+            return read
 
         online = [t for t in targets if not t.offline]
         return await paced(online, spread, one)

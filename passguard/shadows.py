@@ -47,7 +47,6 @@ from passguard.store.shadows import (
     TooManyShadows,
 )
 from passguard.targets import Target
-from passguard.yielding import Budget
 
 log = logging.getLogger(__name__)
 #: Destination rows kept per shadow: past it, connections still count in the
@@ -157,7 +156,7 @@ class Shadows:
 
     async def evaluate(self, book: Iterable[tuple[str, Destination]],
                        targets: Iterable[Target], states: Mapping[str, MeshState],
-                       now: float, budget: Budget | None = None) -> int:
+                       now: float) -> int:
         """Evaluate every shadow on the increments since its cursor, write the
         result, then show it. Returns the connections judged. Raises when the
         write fails: the cursors did not move, the next pass retries."""

@@ -11,6 +11,7 @@ the inventory did not see is reported as unexplained, never assumed harmless.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from typing import NamedTuple
 
 from passguard.envoy.clusters import MAX_ROUTES
 from passguard.envoy.names import Family
-from passguard.yielding import Budget
 
 
 class HostReading(NamedTuple):
@@ -83,12 +83,16 @@ class DestinationBook:
         # dataplane key → address → Destination
         self.items: dict[str, dict[str, Destination]] = {}
         self.last_read: dict[str, float] = {}
+        # dataplane key → its views, kept until a read changes them or the
+        # window start passes one of their events (_KeyViews.valid_for).
+        self._views: dict[str, _KeyViews] = {}
 
     def update(self, key: str, mesh: str, dataplane: str, service: str, t: float,
                hosts: Mapping[str, HostReading]) -> list[Destination]:
         """Record one ``/clusters`` read of a dataplane; return what changed."""
         changed = []
         self.last_read[key] = t
+        self._views.pop(key, None)
         book = self.items.setdefault(key, {})
         for address, h in hosts.items():
             d = book.get(address)
@@ -120,10 +124,13 @@ class DestinationBook:
         for key in keys:
             self.items.pop(key, None)
             self.last_read.pop(key, None)
+            self._views.pop(key, None)
 
     def prune(self, before: float) -> None:
-        for book in self.items.values():
+        for key, book in self.items.items():
             for d in book.values():
+                if d.events and d.events[0][0] < before:
+                    self._views.pop(key, None)
                 while d.events and d.events[0][0] < before:
                     d.events.popleft()
 
@@ -132,21 +139,40 @@ class DestinationBook:
             for d in book.values():
                 yield key, d
 
-    def _sorted(self) -> list[Destination]:
-        return [d for _key, d in sorted(self.all(), key=lambda x: (x[0], x[1].address))]
-
     def views(self, window_start: float) -> tuple[DestinationView, ...]:
-        return tuple(_view(d, window_start) for d in self._sorted())
-
-    async def views_async(self, window_start: float, budget: Budget) -> tuple[DestinationView, ...]:
-        """The same views, handing the loop back whenever ``budget`` is spent.
-        The caller owns the book meanwhile (the poller; nothing else writes it)."""
-        out = []
-        for d in self._sorted():
-            if budget.spent():
-                await budget.pause()
-            out.append(_view(d, window_start))
+        """Every destination as seen from ``window_start``, by dataplane then
+        address. A dataplane's views are computed once after each read of it
+        (the daemon asks right after recording it, so that work is spread over
+        the pass) and reused while no event of theirs leaves the window."""
+        out: list[DestinationView] = []
+        for key in sorted(self.items):
+            out.extend(self.views_of(key, window_start))
         return tuple(out)
+
+    def views_of(self, key: str, window_start: float) -> tuple[DestinationView, ...]:
+        cached = self._views.get(key)
+        if cached is not None and cached.valid_for(window_start):
+            return cached.views
+        book = self.items.get(key, {})
+        views = tuple(_view(book[a], window_start) for a in sorted(book))
+        # The earliest event still counted: once the window start passes it,
+        # a count changes and the views must be computed again.
+        until = min((t for d in book.values() for t, _ in d.events if t >= window_start),
+                    default=math.inf)
+        self._views[key] = _KeyViews(window_start, until, views)
+        return views
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyViews:
+    start: float
+    until: float
+    views: tuple[DestinationView, ...]
+
+    def valid_for(self, window_start: float) -> bool:
+        # Counts are of events at or after the window start: the same for
+        # every start in [start, until].
+        return self.start <= window_start <= self.until
 
 
 def _view(d: Destination, window_start: float) -> DestinationView:

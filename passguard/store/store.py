@@ -2,6 +2,13 @@
 
 Only the poller writes here (one cycle at a time); it publishes an immutable
 Snapshot that every reader uses. Persistence is done off the event loop.
+
+Each dataplane's evidence is computed when its scrape result is recorded, so
+that work is spread over the cycle like the scrapes; publishing a snapshot
+then only assembles what is done. Evidence computed at a scrape's time sees a
+window starting up to one cycle earlier than the snapshot's: it can count a
+little more traffic, never less (docs/architecture.md, "Evidence as results
+arrive").
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from passguard.envoy.clusters import Destination as EnvoyDestination
 from passguard.scraper import ScrapeResult
@@ -17,7 +25,6 @@ from passguard.store.persistence import StateDB
 from passguard.store.snapshot import DataplaneEvidence, Snapshot, State
 from passguard.store.window import History, Segment
 from passguard.targets import Target
-from passguard.yielding import Budget
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,14 @@ class Store:
         self.cycles = 0
         self.extra: tuple[DataplaneEvidence, ...] = ()
         self.snapshot = Snapshot(0.0, None if since_start else window, stale_after, ())
+        # Evidence computed as results were recorded, with the assembly
+        # (generation) it is for: one recorded before the last assembly is
+        # computed again at the next, so none lags more than a cycle.
+        self._evidence_of: dict[str, tuple[int, DataplaneEvidence]] = {}
+        self._generation = 0
+        #: Called with each dataplane's evidence as it is computed (the
+        #: /metrics lines are rendered then, spread over the cycle).
+        self.on_evidence: Callable[[DataplaneEvidence], None] | None = None
 
     def restore(self) -> int:
         """Load the persisted window; return how many dataplanes it held."""
@@ -66,6 +81,7 @@ class Store:
         self.book.drop(self._removed)
         for key in self._removed:
             self._clusters_marks.pop(key, None)
+            self._evidence_of.pop(key, None)
         self.targets = new
         for key in new:
             self.histories.setdefault(key, History())
@@ -89,7 +105,15 @@ class Store:
         else:
             h.fail(r.t, r.error or "unknown error")
             added = []
-        return r.target.key, h, added
+        h.prune(self.prune_before(r.t))
+        key = r.target.key
+        target = self.targets.get(key)
+        if target is not None and not self.since_start:
+            ev = self._evidence(key, target, r.t)
+            self._evidence_of[key] = (self._generation, ev)
+            if self.on_evidence is not None:
+                self.on_evidence(ev)
+        return key, h, added
 
     def finish_cycle(self) -> None:
         self.cycles += 1
@@ -132,27 +156,16 @@ class Store:
             changed.extend(self._record_destinations(*read))
         return changed
 
-    async def record_destinations_async(
-            self, reads: Iterable[tuple[Target, float, list[EnvoyDestination]]],
-            budget: Budget | None = None) -> list[tuple[str, Destination]]:
-        """The same, handing the loop back whenever ``budget`` is spent (1,000
-        reads take ~9 ms)."""
-        budget = budget or Budget()
-        changed: list[tuple[str, Destination]] = []
-        for read in reads:
-            if budget.spent():
-                await budget.pause()
-            changed.extend(self._record_destinations(*read))
-        return changed
-
     def _record_destinations(self, target: Target, t: float, dests: list[EnvoyDestination]
                              ) -> list[tuple[str, Destination]]:
         if target.key not in self.targets:
             return []
         hosts = {d.address: HostReading(d.cx_total, d.cx_active, d.family, d.routes)
                  for d in dests}
-        return [(target.key, d) for d in self.book.update(
+        changed = [(target.key, d) for d in self.book.update(
             target.key, target.mesh, target.dataplane, target.service, t, hosts)]
+        self.book.views_of(target.key, self._window_start(t))  # computed now, while spread
+        return changed
 
     async def persist_destinations(self, changed: list[tuple[str, Destination]],
                                    now: float) -> None:
@@ -185,26 +198,18 @@ class Store:
     async def persist(self, updates: list[tuple[str, History, list[Segment]]], now: float) -> None:
         """Write this cycle, plus whatever an earlier failed write left behind:
         evidence seen while the disk was full must reach it once it is not."""
+        # Each history was pruned when its result was recorded (record_one).
         before = self.prune_before(now)
-        budget = Budget()
-        for h in list(self.histories.values()):
-            if budget.spent():
-                await budget.pause()
-            h.prune(before)
         if self.db is None:
             self._removed.clear()
             return
         for key, h, new in updates:
-            if budget.spent():
-                await budget.pause()
             pending = self._unsaved.setdefault(key, (h, []))
             pending[1].extend(new)
         for key in self._removed:
             self._unsaved.pop(key, None)
         batch = []
         for key, (h, segs) in list(self._unsaved.items()):
-            if budget.spent():
-                await budget.pause()
             if key in self.histories:
                 # Pruned here: a long outage must not grow the backlog past the window.
                 batch.append((key, h, [s for s in segs if s.end > before]))
@@ -216,42 +221,44 @@ class Store:
 
     def build_snapshot(self, now: float,
                        extra: Iterable[DataplaneEvidence] | None = None) -> Snapshot:
-        """``extra``: evidence computed elsewhere (the Prometheus source), kept
-        from the last call when None; a dataplane passguard scrapes itself
-        takes precedence over it."""
-        out = [self._evidence(key, target, now) for key, target in self.targets.items()]
-        return self._publish(now, out, extra)
+        """Assemble and publish the snapshot at ``now``. ``extra``: evidence
+        computed elsewhere (the Prometheus source), kept from the last call
+        when None; a dataplane passguard scrapes itself takes precedence."""
+        snap = self.assemble(now, extra)
+        self.snapshot = snap
+        return snap
 
-    async def build_snapshot_async(self, now: float,
-                                   extra: Iterable[DataplaneEvidence] | None = None,
-                                   budget: Budget | None = None,
-                                   prepare: Callable[[Snapshot, str], None] | None = None
-                                   ) -> Snapshot:
-        """The same snapshot, handing the event loop back whenever ``budget``
-        (~1 ms) is spent: 1,000 dataplanes take 15–40 ms, and gate requests
-        must not wait for them. Only the poller, which holds the cycle lock,
-        changes the histories.
-
-        ``prepare(snapshot, mesh)`` runs for each mesh before the snapshot is
-        published (the gate computes what every request about that mesh will
-        ask for): in the poller's time slices, instead of in the first
-        requests after the switch, which all arrived at once."""
-        budget = budget or Budget()
+    def assemble(self, now: float, extra: Iterable[DataplaneEvidence] | None = None
+                 ) -> Snapshot:
+        """The snapshot at ``now``, from the evidence computed as results were
+        recorded in this cycle; only dataplanes without such evidence (new,
+        changed target, no result since the last assembly) are computed here."""
         out = []
-        for key, target in list(self.targets.items()):
-            if budget.spent():
-                await budget.pause()
-            out.append(self._evidence(key, target, now))
-        views = await self.book.views_async(self._window_start(now), budget)
-        return await self.publish_async(self._assemble(now, out, extra, views), budget, prepare)
+        known = self._evidence_of
+        gen = self._generation
+        for key, target in self.targets.items():
+            got = known.get(key)
+            if got is None or got[0] != gen or got[1].target != target:
+                ev = self._evidence(key, target, now)
+                known[key] = (gen, ev)
+            else:
+                ev = got[1]
+                if ev.state == "fresh" and (ev.last_success is None
+                                            or now - ev.last_success > self.stale_after):
+                    ev = replace(ev, state="stale")
+            out.append(ev)
+        self._generation += 1
+        return self._assemble(now, out, extra)
 
-    async def publish_async(self, snap: Snapshot, budget: Budget,
-                            prepare: Callable[[Snapshot, str], None] | None = None) -> Snapshot:
-        """Publish ``snap`` once ``prepare`` has run for each of its meshes."""
+    async def publish(self, snap: Snapshot,
+                      prepare: Callable[[Snapshot, str], None] | None = None) -> Snapshot:
+        """Publish ``snap`` once ``prepare(snap, mesh)`` has run for each of its
+        meshes (the gate computes the judgement every request about that mesh
+        starts from), a turn of the loop between meshes: otherwise the first
+        requests after the switch, all arriving at once, would compute it."""
         if prepare is not None:
             for mesh in snap.meshes():
-                if budget.spent():
-                    await budget.pause()
+                await asyncio.sleep(0)
                 prepare(snap, mesh)
         self.snapshot = snap
         return snap
@@ -283,21 +290,16 @@ class Store:
     def _window_start(self, now: float) -> float:
         return float("-inf") if self.since_start else now - self.window
 
-    def _publish(self, now: float, out: list[DataplaneEvidence],
-                 extra: Iterable[DataplaneEvidence] | None,
-                 views: tuple[DestinationView, ...] | None = None) -> Snapshot:
-        snap = self._assemble(now, out, extra, views)
-        self.snapshot = snap
-        return snap
-
     def _assemble(self, now: float, out: list[DataplaneEvidence],
-                  extra: Iterable[DataplaneEvidence] | None,
-                  views: tuple[DestinationView, ...] | None = None) -> Snapshot:
+                  extra: Iterable[DataplaneEvidence] | None) -> Snapshot:
         if extra is not None:
             self.extra = tuple(extra)
         out.extend(d for d in self.extra if d.target.key not in self.targets)
-        if views is None:
-            views = self.book.views(self._window_start(now))
-        snap = Snapshot(now, None if self.since_start else self.window, self.stale_after,
-                        tuple(out), ready=self.cycles > 0 or self.restored, destinations=views)
-        return snap
+        return Snapshot(now, None if self.since_start else self.window, self.stale_after,
+                        tuple(out), ready=self.cycles > 0 or self.restored,
+                        destinations=self.views(now))
+
+    def views(self, now: float) -> tuple[DestinationView, ...]:
+        """The destinations as seen at ``now`` (each dataplane's computed when
+        its /clusters read was recorded, unless the window has moved past it)."""
+        return self.book.views(self._window_start(now))

@@ -37,7 +37,6 @@ from passguard.web.common import (
     _snapshot,
 )
 from passguard.web.ratelimit import PeerRateLimit, peer_key
-from passguard.yielding import FOREGROUND
 
 if TYPE_CHECKING:
     from passguard.app import Daemon
@@ -127,22 +126,6 @@ async def rate_limit_middleware(request: web.Request, handler: Any) -> web.Strea
                 return resp
     result: web.StreamResponse = await handler(request)
     return result
-
-
-@web.middleware
-async def foreground_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Counts the requests being served: the poller's work rests while there
-    are some (passguard.yielding). Not /metrics, whose render is poller work
-    it waits for."""
-    if request.path == "/metrics":
-        response: web.StreamResponse = await handler(request)
-        return response
-    FOREGROUND.enter()
-    try:
-        response = await handler(request)
-        return response
-    finally:
-        FOREGROUND.leave()
 
 
 @web.middleware
@@ -432,7 +415,7 @@ async def index(request: web.Request) -> web.Response:
 def build_app(daemon: Daemon) -> web.Application:
     # No client_max_size: bodies are read by _read_limited, with the limit of
     # the running config.
-    app = web.Application(middlewares=[foreground_middleware, errors_middleware,
+    app = web.Application(middlewares=[errors_middleware,
                                        auth_middleware, rate_limit_middleware])
     app[DAEMON] = daemon
     app[RATE_LIMIT] = PeerRateLimit()

@@ -29,7 +29,6 @@ from passguard.exposition import Format, SnapshotExposition, render, render_asyn
 from passguard.metrics import Metrics
 from passguard.store.snapshot import STATES, DataplaneEvidence, Snapshot, mesh_summary
 from passguard.targets import Target
-from passguard.yielding import Budget
 
 DP_LABELS = ["mesh", "service", "dataplane", "family"]
 
@@ -141,24 +140,75 @@ def test_render_matches_prometheus_client(snap: Snapshot, fmt: Format) -> None:
     assert render(snap, fmt) == oracle(snap, fmt)
 
 
-def test_slices_hand_the_loop_back_and_give_the_same_bytes() -> None:
-    dps = tuple(DataplaneEvidence(Target(f"http://{i}", f"m{i % 3}", f"dp{i}", "s"), "fresh",
-                                  True, None, {}, 0, {"ipv4": Counters(i)}, 1.0, 5.0, 5.0,
-                                  None, 0.1) for i in range(50))
-    snap = Snapshot(10.0, 900.0, 45.0, dps)
+def _fleet(n: int, t: float = 5.0) -> tuple[DataplaneEvidence, ...]:
+    return tuple(DataplaneEvidence(Target(f"http://{i}", f"m{i % 3}", f"dp{i}", "s"), "fresh",
+                                   True, None, {}, 0, {"ipv4": Counters(i)}, 1.0, t, t,
+                                   None, 0.1) for i in range(n))
+
+
+def test_a_render_hands_the_loop_back_and_gives_the_same_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exposition, "ROWS_PER_TURN", 10)
+    snap = Snapshot(10.0, 900.0, 45.0, _fleet(50))
     fmt = Format(False, om.UNDERSCORES)
     yields = 0
 
     async def count() -> bytes:
         nonlocal yields
-        task = asyncio.ensure_future(render_async(snap, fmt, Budget(0.0, 0.0)))
+        task = asyncio.ensure_future(render_async(snap, fmt))
         while not task.done():
             yields += 1
             await asyncio.sleep(0)
         return task.result()
 
     assert asyncio.run(count()) == oracle(snap, fmt)
-    assert yields > 50  # a budget of 0: a slice per dataplane and family
+    # 5 pieces of 10 dataplanes, one per section, the mesh summaries.
+    assert yields >= 5 + len(exposition.SECTIONS) + 1
+
+
+def test_lines_written_ahead_are_the_ones_rendered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines warmed as evidence is computed are used as they are; evidence the
+    render has no lines for (or older lines) is written then; the bytes match
+    the oracle either way, and keys gone from the snapshot are forgotten."""
+    fmt = Format(True, om.UNDERSCORES)
+    lines = exposition.Lines()
+    first = Snapshot(10.0, 900.0, 45.0, _fleet(20))
+    assert render(first, fmt, lines) == oracle(first, fmt)  # asks for fmt: now warmed
+    written: list[str] = []
+    real = exposition.lines_of
+
+    def counting(dp: DataplaneEvidence, f: Format) -> tuple[bytes, ...]:
+        written.append(dp.target.key)
+        return real(dp, f)
+
+    monkeypatch.setattr(exposition, "lines_of", counting)
+    newer = _fleet(10, t=20.0)
+    for dp in newer:
+        lines.warm(dp)  # as each scrape is recorded
+    assert len(written) == 10
+    # A render of the snapshot still published: 10 of its dataplanes have
+    # newer lines ahead, which it does not use (and does not drop).
+    assert render(first, fmt, lines) == oracle(first, fmt)
+    assert len(written) == 20
+    second = Snapshot(21.0, 900.0, 45.0, newer)
+    written.clear()
+    assert render(second, fmt, lines) == oracle(second, fmt)
+    assert written == []  # everything was written ahead
+    assert render(second, fmt, lines) == oracle(second, fmt) and written == []
+    assert sorted(lines._by_fmt[fmt]) == sorted(d.target.key for d in newer)
+
+
+def test_a_format_nobody_asks_for_is_no_longer_written_ahead() -> None:
+    clock = [0.0]
+    lines = exposition.Lines(lambda: clock[0])
+    text, om_fmt = Format(False, om.UNDERSCORES), Format(True, om.UNDERSCORES)
+    snap = Snapshot(10.0, 900.0, 45.0, _fleet(3))
+    render(snap, text, lines)
+    clock[0] = exposition.FORMAT_IDLE_SECONDS + 1
+    render(snap, om_fmt, lines)
+    assert list(lines._by_fmt) == [om_fmt]
+    lines.warm(_fleet(1, t=30.0)[0])
+    assert list(lines._by_fmt) == [om_fmt]
 
 
 def test_rendered_once_per_snapshot_and_shared() -> None:
@@ -167,10 +217,11 @@ def test_rendered_once_per_snapshot_and_shared() -> None:
     calls = 0
     real = exposition.render_async
 
-    async def counting(snap: Snapshot, f: Format) -> bytes:
+    async def counting(snap: Snapshot, f: Format, lines: exposition.Lines | None = None
+                       ) -> bytes:
         nonlocal calls
         calls += 1
-        return await real(snap, f)
+        return await real(snap, f, lines)
 
     async def main() -> None:
         ex = SnapshotExposition(lambda: snaps[-1])

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import pytest
-
-from passguard import yielding
 from passguard.envoy.clusters import Destination as Seen
 from passguard.envoy.stats import Counters, StatsReading
 from passguard.scraper import ScrapeResult
 from passguard.store.snapshot import DataplaneEvidence, Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
-from passguard.yielding import Budget, Foreground
 
 
 def dp(name: str, mesh: str, last: float, stale_after: float | None = None) -> DataplaneEvidence:
@@ -40,74 +37,94 @@ def test_mesh_index() -> None:
     assert snap.for_mesh("nope") == ()
 
 
-def test_snapshot_built_in_slices_equals_the_one_built_at_once() -> None:
-    """The daemon builds its snapshot, and records a /clusters pass, handing the
-    loop back whenever its time budget is spent; the result must be the very
-    same evidence and destinations."""
+def test_evidence_is_computed_as_results_arrive_and_only_assembled_at_the_end() -> None:
+    """Each recorded result's evidence is the object the snapshot publishes;
+    a dataplane with no result since the last assembly (or whose target
+    changed) is computed at the assembly instead; destinations read alike."""
     targets = [Target(f"http://{i}", f"m{i % 2}", f"dp{i}") for i in range(10)]
     reads = [[(t, 100.0 + 60 * k, [Seen(f"10.0.{i}.{j}:443", "ipv4", 3 * k + j, j % 2)
                                    for j in range(3)])
               for i, t in enumerate(targets)] for k in range(2)]
-
-    def fed(store: Store) -> Store:
-        store.set_targets(targets)
-        for k, t0 in enumerate((1000.0, 1015.0)):
-            for i, t in enumerate(targets):
-                reading = StatsReading(100.0 + 15 * k, {"ipv4": Counters(cx_total=i * k)})
-                error = "connection refused" if i == 7 and k == 1 else None
-                assert store.record_one(ScrapeResult(t, t0, 0.01, None if error else reading,
-                                                     error)) is not None
-            store.finish_cycle()
-        return store
-
-    whole = fed(Store(900.0, 45.0))
-    changed_whole = [whole.record_destinations(r) for r in reads]
-    at_once = whole.build_snapshot(1020.0)
-
-    async def sliced() -> tuple[Snapshot, list[list[tuple[str, object]]], int]:
-        store = fed(Store(900.0, 45.0))
-        changed = [await store.record_destinations_async(r, Budget(0.0, 0.0)) for r in reads]
-        task = asyncio.ensure_future(store.build_snapshot_async(1020.0, budget=Budget(0.0, 0.0)))
-        turns = 0
-        while not task.done():
-            turns += 1
-            await asyncio.sleep(0)
-        return task.result(), changed, turns
-
-    snap, changed, turns = asyncio.run(sliced())
-    assert turns >= 10 + 30  # a budget of 0: a turn per dataplane and destination
-    assert snap.dataplanes == at_once.dataplanes
-    assert snap.destinations == at_once.destinations and len(snap.destinations) == 30
-    assert [[(k, d.address, d.connections) for k, d in c] for c in changed] == \
-        [[(k, d.address, d.connections) for k, d in c] for c in changed_whole]
+    store = Store(900.0, 45.0)
+    seen: list[DataplaneEvidence] = []
+    store.on_evidence = seen.append
+    store.set_targets(targets)
+    for k, t0 in enumerate((1000.0, 1015.0)):
+        for i, t in enumerate(targets):
+            reading = StatsReading(100.0 + 15 * k, {"ipv4": Counters(cx_total=i * k)})
+            error = "connection refused" if i == 7 and k == 1 else None
+            if i == 3 and k == 1:
+                continue  # no result for dp3 in the second cycle
+            assert store.record_one(ScrapeResult(t, t0, 0.01, None if error else reading,
+                                                 error)) is not None
+        store.finish_cycle()
+        snap = store.build_snapshot(t0 + 5)
+    assert len(seen) == 19
+    by_key = {d.target.key: d for d in snap.dataplanes}
+    recorded = {d.target.key: d for d in seen[10:]}
+    assert all(by_key[k] is d for k, d in recorded.items())
+    assert by_key[targets[3].key] is not seen[3]  # computed again at the assembly
+    assert by_key[targets[3].key] == store._evidence(targets[3].key, targets[3], 1020.0)
     assert snap.ready and [d.state for d in snap.dataplanes].count("failed") == 1
-    assert sum(d.connections for d in snap.dataplanes) == sum(range(10)) - 7
+    assert sum(d.connections for d in snap.dataplanes) == sum(range(10)) - 7 - 3
+    changed = [store.record_destinations(r) for r in reads]
+    assert [len(c) for c in changed] == [30, 30]
+    views = store.views(1020.0)
+    assert len(views) == 30 and views == store.book.views(1020.0 - 900.0)
+    assert views == tuple(fresh_views(store, 1020.0 - 900.0))
 
 
+def fresh_views(store: Store, start: float) -> list[object]:
+    from passguard.store.destinations import _view
+    return [_view(store.book.items[k][a], start)
+            for k in sorted(store.book.items) for a in sorted(store.book.items[k])]
 
-def test_poller_work_rests_only_while_the_gate_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A spent budget yields one turn when no request is being served, and
-    rests REST_SECONDS while one is (or was, within LINGER_SECONDS)."""
-    slept: list[float] = []
-    real_sleep = asyncio.sleep
 
-    async def sleep(delay: float) -> None:
-        slept.append(delay)
-        await real_sleep(0)
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from([1.0, 5.0, 15.0, 40.0, 300.0]),
+                                st.integers(0, 5), st.booleans(), st.booleans()),
+                      min_size=1, max_size=30),
+       lag=st.floats(0.0, 15.0), uptime0=st.floats(0.0, 2000.0))
+def test_evidence_at_a_results_time_refuses_at_least_what_the_exact_one_does(
+        steps: list[tuple[float, int, bool, bool]], lag: float, uptime0: float) -> None:
+    """Computed when the last result came in, the evidence sees a window that
+    starts up to a cycle earlier than the snapshot's: it counts at least the
+    connections the exact evidence counts, and where the exact one cannot
+    vouch for the dataplane it either cannot either or shows traffic."""
+    window, stale = 120.0, 45.0
+    store = Store(window, stale)
+    target = Target("http://a", "m", "a")
+    store.set_targets([target])
+    t, uptime, total = 1000.0, uptime0, 0
+    for dt, inc, restart, fail in steps:
+        t += dt
+        uptime += dt
+        if restart:
+            uptime, total = dt / 2, 0
+        total += inc
+        reading = None if fail else StatsReading(uptime, {"ipv4": Counters(cx_total=total)})
+        store.record_one(ScrapeResult(target, t, 0.01, reading, "refused" if fail else None))
+    at_result = store._evidence_of[target.key][1]
+    exact = store._evidence(target.key, target, t + lag)
+    assert at_result.connections >= exact.connections
+    if exact.unknown:
+        assert at_result.unknown or at_result.connections > 0
 
-    monkeypatch.setattr(yielding.asyncio, "sleep", sleep)
-    clock = [100.0]
-    gate = Foreground(lambda: clock[0])
-    budget = Budget(0.0, 0.002, gate)
 
-    async def main() -> None:
-        await budget.pause()  # idle
-        gate.enter()
-        await budget.pause()  # a request in flight
-        gate.leave()
-        await budget.pause()  # just served one
-        clock[0] += 0.06
-        await budget.pause()  # idle again
-
-    asyncio.run(main())
-    assert slept == [0, 0.002, 0.002, 0]
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(st.tuples(st.floats(0.0, 600.0), st.integers(0, 3)), max_size=20),
+       starts=st.lists(st.floats(-100.0, 700.0), min_size=1, max_size=10))
+def test_cached_destination_views_are_exact_at_every_window_start(
+        events: list[tuple[float, int]], starts: list[float]) -> None:
+    """A dataplane's views are reused only while no event of theirs leaves the
+    window: at any later (or earlier) start they equal views computed afresh."""
+    store = Store(900.0, 45.0)
+    target = Target("http://a", "m", "a")
+    store.set_targets([target])
+    totals = [0, 0]
+    for t, n in sorted(events):
+        totals[n % 2] += n
+        store.record_destinations([(target, t, [Seen(f"10.0.0.{j}:443", "ipv4", totals[j],
+                                                     j) for j in range(2)])])
+    for start in sorted(starts):
+        assert store.book.views(start) == tuple(fresh_views(store, start))

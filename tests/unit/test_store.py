@@ -17,7 +17,6 @@ from passguard.store.persistence import StateDB
 from passguard.store.store import Store
 from passguard.targets import Target
 from passguard.verdicts import GateConfig
-from passguard.yielding import Budget
 
 
 def saved(path: Path) -> dict[str, int]:
@@ -158,7 +157,7 @@ def test_a_snapshot_is_published_with_its_common_summaries_ready(tmp_path: Path)
         seen.append((id(snap), len(snap.memo)))  # type: ignore[attr-defined]
 
     async def main() -> None:
-        snap = await store.build_snapshot_async(1000.0, prepare=prepare)
+        snap = await store.publish(store.assemble(1000.0), prepare)
         assert store.snapshot is snap and len(snap.memo) == 1
         for docs, entries in ((mesh_off, 1), (mp_none, 2)):
             body, _ = service.check(docs, None, snap, GateConfig())
@@ -169,7 +168,7 @@ def test_a_snapshot_is_published_with_its_common_summaries_ready(tmp_path: Path)
             assert service.check(docs, None, snap, GateConfig())[0] == body
             snap.memo.update(cold)
         views = store.book.views(0.0)
-        again = await store.publish_async(replace(snap, destinations=views), Budget(), prepare)
+        again = await store.publish(replace(snap, destinations=views), prepare)
         assert again is not snap and store.snapshot is again and len(again.memo) == 1
 
     asyncio.run(main())
