@@ -1,22 +1,19 @@
-"""What the route modules share: the daemon's and the request's keys, the
-error body, the bounded request body and the snapshot as seen now."""
+"""What the route modules share: the request's key (the backend's is in
+passguard/web/backend.py), the error body, the bounded request body and the
+snapshot as seen now."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from passguard.durations import format_duration
 from passguard.httpclient import read_at_most
 from passguard.store.snapshot import Snapshot
+from passguard.web.backend import BACKEND
 
-if TYPE_CHECKING:
-    from passguard.app import Daemon
-
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 REQUESTER: web.RequestKey[str] = web.RequestKey("requester", str)
 ANONYMOUS = "anonymous"
 
@@ -38,7 +35,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
 async def _read_body(request: web.Request) -> bytes | web.Response:
     """The request body, or a 408 for a client that sends it too slowly: a body
     trickled a byte at a time would otherwise hold its connection forever."""
-    limits = request.app[DAEMON].config.limits
+    limits = request.app[BACKEND].config.limits
     try:
         async with asyncio.timeout(limits.body_timeout):
             return await _read_limited(request, limits.max_body_bytes)
@@ -56,4 +53,4 @@ async def _read_body(request: web.Request) -> bytes | web.Response:
 
 
 def _snapshot(request: web.Request) -> Snapshot:
-    return request.app[DAEMON].store.snapshot.at(time.time())
+    return request.app[BACKEND].store.snapshot.at(time.time())

@@ -1,5 +1,8 @@
 """HTTP routes (DESIGN §3). Handlers read the daemon's snapshot; they never scrape.
 
+They reach the daemon only through ``passguard.web.backend.Backend`` (the
+app's ``BACKEND``), never ``passguard.app``.
+
 Every client error is answered as JSON ``{"error": …}`` with a 4xx status, and
 an unexpected exception becomes a logged 500 with no traceback in the body —
 but no input path is meant to reach it.
@@ -13,7 +16,7 @@ import math
 import re
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -27,19 +30,15 @@ from passguard.gate.rows import transport_word, via_of
 from passguard.loader import load_documents
 from passguard.store.snapshot import Snapshot, mesh_summary
 from passguard.web import readiness_panel, shadow_routes, status_page, verify_routes
-from passguard.web.auth import TokenStore
+from passguard.web.backend import BACKEND, Backend, Tokens
 from passguard.web.common import (
     ANONYMOUS,
-    DAEMON,
     REQUESTER,
     _error,
     _read_body,
     _snapshot,
 )
 from passguard.web.ratelimit import PeerRateLimit, peer_key
-
-if TYPE_CHECKING:
-    from passguard.app import Daemon
 
 log = logging.getLogger(__name__)
 RATE_LIMIT: web.AppKey[PeerRateLimit] = web.AppKey("rate_limit", PeerRateLimit)
@@ -83,8 +82,8 @@ def _peer_name(request: web.Request) -> str | None:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    daemon = request.app[DAEMON]
-    tokens: TokenStore | None = daemon.tokens
+    backend = request.app[BACKEND]
+    tokens: Tokens | None = backend.tokens
     header = request.headers.get("Authorization", "")
     name: str | None = None
     presented = header.startswith("Bearer ")
@@ -92,7 +91,7 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         name = tokens.name_for(header[len("Bearer "):].strip())
     needs_token = tokens is not None and (
         request.path in TOKEN_ROUTES or request.path.startswith(TOKEN_PREFIXES)
-        or (daemon.config.auth.protect_metrics
+        or (backend.config.auth.protect_metrics
                                          and request.path not in OPEN_ROUTES))
     if needs_token and name is None:
         error = "invalid_token" if presented else "invalid_request"
@@ -110,14 +109,14 @@ async def rate_limit_middleware(request: web.Request, handler: Any) -> web.Strea
     """429 with Retry-After for an unverified peer past ``limits.unverified_rate``."""
     if request.path in GATE_ROUTES and request[REQUESTER] == ANONYMOUS and \
             request.remote is not None:
-        daemon = request.app[DAEMON]
-        limits = daemon.config.limits
+        backend = request.app[BACKEND]
+        limits = backend.config.limits
         key, loopback = peer_key(request.remote)
         if limits.unverified_rate > 0 and (limits.rate_limit_loopback or not loopback):
             wait = request.app[RATE_LIMIT].take(key, limits.unverified_rate,
                                                 limits.unverified_burst)
             if wait > 0:
-                daemon.metrics.rate_limited.labels(request.path).inc()
+                backend.metrics.rate_limited.labels(request.path).inc()
                 resp = _error(429, f"too many requests from {key} without a token or client "
                                    f"certificate (limits.unverified_rate: "
                                    f"{limits.unverified_rate:g} a second, burst "
@@ -134,7 +133,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         resp: web.StreamResponse = await handler(request)
         return resp
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[DAEMON].config.limits.max_body_bytes
+        limit = request.app[BACKEND].config.limits.max_body_bytes
         return _error(413, f"request body is over the limit of {limit} bytes")
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
@@ -147,25 +146,26 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return _error(500, "internal error (logged)")
 
 
-def verdict_if_disabled(snap: Snapshot, mesh: str, daemon: Daemon) -> str:
+def verdict_if_disabled(snap: Snapshot, mesh: str, backend: Backend) -> str:
     """What the gate would answer now for ``passthrough: false`` on this mesh."""
     decision = decide(service.mesh_off(mesh),
-                      service.evidence_of(snap, mesh, daemon.mesh_states(), time.time()),
-                      daemon.config.gate.policy_for(mesh), snap.memo)
+                      service.evidence_of(snap, mesh, backend.mesh_states(), time.time()),
+                      backend.config.gate.policy_for(mesh), snap.memo)
     return decision.verdict
 
 
-def meshes_body(snap: Snapshot, daemon: Daemon) -> dict[str, Any]:
+def meshes_body(snap: Snapshot, backend: Backend) -> dict[str, Any]:
     meshes = []
     for mesh in snap.meshes():
         s = mesh_summary(mesh, snap.for_mesh(mesh))
-        meshes.append({"mesh": mesh, "verdict_if_disabled": verdict_if_disabled(snap, mesh, daemon),
+        meshes.append({"mesh": mesh,
+                       "verdict_if_disabled": verdict_if_disabled(snap, mesh, backend),
                        **{k: v for k, v in s.items() if k != "mesh"}})
     return {"window_seconds": snap.window_seconds, "meshes": meshes}
 
 
 async def get_meshes(request: web.Request) -> web.Response:
-    return web.json_response(meshes_body(_snapshot(request), request.app[DAEMON]))
+    return web.json_response(meshes_body(_snapshot(request), request.app[BACKEND]))
 
 
 async def get_mesh(request: web.Request) -> web.Response:
@@ -178,7 +178,7 @@ async def get_mesh(request: web.Request) -> web.Response:
     body: dict[str, Any] = {
         "window_seconds": snap.window_seconds,
         "mesh": mesh,
-        "verdict_if_disabled": verdict_if_disabled(snap, mesh, request.app[DAEMON]),
+        "verdict_if_disabled": verdict_if_disabled(snap, mesh, request.app[BACKEND]),
         **{k: v for k, v in s.items() if k != "mesh"},
     }
     # "dataplanes" is the per-dataplane list here (DESIGN §3); the counts move aside.
@@ -226,12 +226,12 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
     An enforce-mode decision that cannot be recorded becomes a refusal that
     says why: a gate that decides unrecorded cannot be reviewed afterwards.
     """
-    daemon = request.app[DAEMON]
+    backend = request.app[BACKEND]
     snap = _snapshot(request)
-    states = daemon.mesh_states()
+    states = backend.mesh_states()
     body, decisions = await service.check_async(
-        docs, snap, daemon.config.gate, states, time.time(),
-        daemon.config.limits.documents.max_matches)
+        docs, snap, backend.config.gate, states, time.time(),
+        backend.config.limits.documents.max_matches)
     # The audit caps every field itself (AuditEntry.bounded).
     peer = request.remote
     entries = [AuditEntry(source=source, requester=requester, mesh=d.mesh, mode=d.mode,
@@ -246,9 +246,9 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
                               reasons=list(body["warnings"]), documents=[], dry_run=dry_run,
                               peer=peer)]
     try:
-        await daemon.audit.record(entries)
+        await backend.audit.record(entries)
     except Exception as exc:
-        daemon.metrics.audit_failures.inc()
+        backend.metrics.audit_failures.inc()
         log.error("audit log write failed: %s", exc)
         problem = f"the audit log cannot be written ({exc})"
         if any(d.mode == "enforce" for d in decisions) or (
@@ -260,7 +260,7 @@ async def decide_and_record(request: web.Request, docs: list[Any], source: str,
             body["warnings"].append(f"{problem}: this decision is not recorded")
     for d in decisions:
         mesh = d.mesh if snap.for_mesh(d.mesh) or d.mesh in states else OTHER_MESH
-        daemon.metrics.decisions.labels(mesh, d.verdict, d.mode).inc()
+        backend.metrics.decisions.labels(mesh, d.verdict, d.mode).inc()
     # Fields capped here; control characters are escaped by the log handler
     # (passguard.logqueue), and the whole line is bounded there too.
     log.info("%s by %s from %s: %s%s (%s)", source, cap(requester, REQUESTER_BYTES), peer,
@@ -293,24 +293,25 @@ def _log_ids(request: web.Request, entries: list[AuditEntry]) -> dict[str, objec
 
 
 async def post_check(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
+    backend = request.app[BACKEND]
     raw = await _read_body(request)
     if isinstance(raw, web.Response):
         return raw
     # The whole header: the loader refuses a declared charset other than UTF-8.
     docs = load_documents(raw, request.headers.get("Content-Type"),
-                          daemon.config.limits.documents)
+                          backend.config.limits.documents)
     body, decisions = await decide_and_record(request, docs, "check", request[REQUESTER])
     return web.Response(text=service.encode(body, decisions), content_type="application/json")
 
 
 async def post_admission(request: web.Request) -> web.Response:
     """The gate as a ValidatingAdmissionWebhook; 400 for a review it cannot read."""
-    daemon = request.app[DAEMON]
+    backend = request.app[BACKEND]
     raw = await _read_body(request)
     if isinstance(raw, web.Response):
         return raw
-    [review] = load_documents(raw, "application/json", daemon.config.limits.documents)[:1] or [None]
+    limits = backend.config.limits.documents
+    [review] = load_documents(raw, "application/json", limits)[:1] or [None]
     req = admission.parse_review(review)
     # The API server checks passguard's certificate, not the other way round:
     # without a client certificate or token, userInfo is the caller's claim.
@@ -335,7 +336,7 @@ async def post_admission(request: web.Request) -> web.Response:
 
 
 async def get_audit(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
+    backend = request.app[BACKEND]
     q = request.query
     try:
         since = _parse_time(q["since"]) if "since" in q else None
@@ -347,7 +348,7 @@ async def get_audit(request: web.Request) -> web.Response:
         raise InputError("limit must be between 1 and 1000")
     if "verdict" in q and q["verdict"] not in ("allow", "warn", "deny"):
         raise InputError("verdict must be allow, warn or deny")
-    entries, nxt = await asyncio.to_thread(daemon.audit.query, since, q.get("mesh"),
+    entries, nxt = await asyncio.to_thread(backend.audit.query, since, q.get("mesh"),
                                            q.get("verdict"), limit, before)
     return web.json_response({"entries": [e.to_json() for e in entries],
                               "next": str(nxt) if nxt is not None else None})
@@ -366,58 +367,58 @@ def _parse_time(value: str) -> float:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    metrics = request.app[DAEMON].metrics
+    metrics = request.app[BACKEND].metrics
     body, content_type = await metrics.exposition(request.headers.get("Accept", ""))
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = content_type
     return resp
 
 
-def probe_answer(daemon: Daemon, path: str) -> tuple[int, str]:
+def probe_answer(backend: Backend, path: str) -> tuple[int, str]:
     """Status and text of ``/-/healthy`` or ``/-/ready``: shared by the
     routes and the connection cap's reserved places (web/connections.py)."""
     if path == "/-/healthy":
         return 200, "passguard is healthy\n"
-    if daemon.store.snapshot.ready:
+    if backend.store.snapshot.ready:
         return 200, "passguard is ready\n"
     return 503, "passguard is not ready: no scrape cycle finished yet\n"
 
 
 async def healthy(request: web.Request) -> web.Response:
-    status, text = probe_answer(request.app[DAEMON], "/-/healthy")
+    status, text = probe_answer(request.app[BACKEND], "/-/healthy")
     return web.Response(status=status, text=text)
 
 
 async def ready(request: web.Request) -> web.Response:
-    status, text = probe_answer(request.app[DAEMON], "/-/ready")
+    status, text = probe_answer(request.app[BACKEND], "/-/ready")
     return web.Response(status=status, text=text)
 
 
 async def post_reload(request: web.Request) -> web.Response:
-    error = await request.app[DAEMON].reload()
+    error = await request.app[BACKEND].reload()
     if error:
         return _error(400, f"configuration refused, the old one keeps running: {error}")
     return web.json_response({"status": "reloaded"})
 
 
 async def index(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
+    backend = request.app[BACKEND]
     snap = _snapshot(request)
-    html = status_page.render(snap, meshes_body(snap, daemon), daemon.config.scrape.interval,
+    html = status_page.render(snap, meshes_body(snap, backend), backend.config.scrape.interval,
                               destinations=destinations_body(snap),
-                              states=daemon.mesh_states(),
-                              extra=[shadow_routes.status_section(daemon),
+                              states=backend.mesh_states(),
+                              extra=[shadow_routes.status_section(backend),
                                      readiness_panel.render(
-                                         verify_routes.readiness_body(daemon, "3.0"))])
+                                         verify_routes.readiness_body(backend, "3.0"))])
     return web.Response(text=html, content_type="text/html")
 
 
-def build_app(daemon: Daemon) -> web.Application:
+def build_app(backend: Backend) -> web.Application:
     # No client_max_size: bodies are read by _read_limited, with the limit of
     # the running config.
     app = web.Application(middlewares=[errors_middleware,
                                        auth_middleware, rate_limit_middleware])
-    app[DAEMON] = daemon
+    app[BACKEND] = backend
     app[RATE_LIMIT] = PeerRateLimit()
     app.router.add_get("/", index)
     app.router.add_get("/metrics", get_metrics)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -23,36 +23,32 @@ from passguard.durations import parse_duration
 from passguard.errors import InputError
 from passguard.loader import load_documents
 from passguard.shadows import MAX_DAYS, Conflict
-
-if TYPE_CHECKING:
-    from passguard.app import Daemon
+from passguard.web.backend import BACKEND, Backend
 
 PREFIX = "/v1/shadows"
 
 
-def _daemon(request: web.Request) -> Daemon:
-    from passguard.web.common import DAEMON  # routes imports this module
-
-    return request.app[DAEMON]
+def _backend(request: web.Request) -> Backend:
+    return request.app[BACKEND]
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _blocks_unproven(daemon: Daemon) -> Any:
-    return lambda mesh: daemon.config.gate.policy_for(mesh).on_unproven == "deny"
+def _blocks_unproven(backend: Backend) -> Any:
+    return lambda mesh: backend.config.gate.policy_for(mesh).on_unproven == "deny"
 
 
 async def post_shadow(request: web.Request) -> web.Response:
     from passguard.web.common import REQUESTER, _read_body
 
-    daemon = _daemon(request)
+    backend = _backend(request)
     raw = await _read_body(request)
     if isinstance(raw, web.Response):
         return raw
     loaded = load_documents(raw, request.headers.get("Content-Type"),
-                            daemon.config.limits.documents)
+                            backend.config.limits.documents)
     if "name" in request.query:
         name: object = request.query["name"]
         docs = loaded
@@ -65,22 +61,22 @@ async def post_shadow(request: web.Request) -> web.Response:
         if not isinstance(docs, list):
             raise InputError(f"documents: must be a list, got {type(docs).__name__}")
     try:
-        shadow, warnings = await daemon.shadows.add(
+        shadow, warnings = await backend.shadows.add(
             name, docs, request[REQUESTER], time.time(),  # type: ignore[arg-type]
-            daemon.config.limits.documents.max_matches)
+            backend.config.limits.documents.max_matches)
     except Conflict as exc:
         return _error(409, str(exc))
-    body = daemon.shadows.summary(shadow, daemon.config.window, time.time(),
-                                  _blocks_unproven(daemon))
+    body = backend.shadows.summary(shadow, backend.config.window, time.time(),
+                                   _blocks_unproven(backend))
     body["warnings"] = warnings
     return web.json_response(body, status=201)
 
 
 async def list_shadows(request: web.Request) -> web.Response:
-    daemon = _daemon(request)
-    now, shadows = time.time(), daemon.shadows
+    backend = _backend(request)
+    now, shadows = time.time(), backend.shadows
     return web.json_response({"shadows": [
-        shadows.summary(s, daemon.config.window, now, _blocks_unproven(daemon))
+        shadows.summary(s, backend.config.window, now, _blocks_unproven(backend))
         for _, s in sorted(shadows.items.items())]})
 
 
@@ -106,29 +102,29 @@ def _since(request: web.Request, now: float) -> float:
 
 
 async def get_shadow(request: web.Request) -> web.Response:
-    daemon = _daemon(request)
+    backend = _backend(request)
     name = request.match_info["name"]
     now = time.time()
     since = _since(request, now)
-    body = await asyncio.to_thread(daemon.shadows.report, name, since, daemon.config.window,
-                                   now, _blocks_unproven(daemon))
+    body = await asyncio.to_thread(backend.shadows.report, name, since, backend.config.window,
+                                   now, _blocks_unproven(backend))
     if body is None:
         return _error(404, f"no shadow named {name!r}")
     return web.json_response(body)
 
 
 async def delete_shadow(request: web.Request) -> web.Response:
-    daemon = _daemon(request)
+    backend = _backend(request)
     name = request.match_info["name"]
-    if not await daemon.shadows.remove(name):
+    if not await backend.shadows.remove(name):
         return _error(404, f"no shadow named {name!r}")
     return web.json_response({"deleted": name})
 
 
-def status_section(daemon: Daemon) -> str:
+def status_section(backend: Backend) -> str:
     """The status page's section: each shadow, what it would cut, how long clean."""
-    now, shadows = time.time(), daemon.shadows
-    rows = [shadows.summary(s, daemon.config.window, now, _blocks_unproven(daemon))
+    now, shadows = time.time(), backend.shadows
+    rows = [shadows.summary(s, backend.config.window, now, _blocks_unproven(backend))
             for _, s in sorted(shadows.items.items())]
     parts = ["<section id=shadows>", f"<h2>Shadow policies ({len(rows)})</h2>"]
     if not rows:

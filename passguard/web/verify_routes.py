@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from passguard.audit import AuditEntry
 from passguard.gate import readiness as rd
 from passguard.verify import MAX_AUDIT_PAGES, SinceError, applied_decisions, parse_since, verify
-
-if TYPE_CHECKING:
-    from passguard.app import Daemon
+from passguard.web.backend import BACKEND, Backend
 
 #: Routes that read the audit log: behind the tokens, like /v1/audit.
 TOKEN_ROUTES = ("/v1/verify",)
@@ -29,17 +27,15 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _daemon(request: web.Request) -> Daemon:
-    from passguard.web.common import DAEMON
-
-    return request.app[DAEMON]
+def _backend(request: web.Request) -> Backend:
+    return request.app[BACKEND]
 
 
-async def _decisions(daemon: Daemon, since: float, mesh: str | None) -> list[AuditEntry]:
+async def _decisions(backend: Backend, since: float, mesh: str | None) -> list[AuditEntry]:
     out: list[AuditEntry] = []
     before: int | None = None
     for _ in range(MAX_AUDIT_PAGES):
-        page, before = await asyncio.to_thread(daemon.audit.query, since, mesh, None, 1000,
+        page, before = await asyncio.to_thread(backend.audit.query, since, mesh, None, 1000,
                                                before)
         out.extend(page)
         if before is None:
@@ -48,7 +44,7 @@ async def _decisions(daemon: Daemon, since: float, mesh: str | None) -> list[Aud
 
 
 async def get_verify(request: web.Request) -> web.Response:
-    daemon = _daemon(request)
+    backend = _backend(request)
     q = request.query
     now = time.time()
     if "since" not in q:
@@ -61,27 +57,27 @@ async def get_verify(request: web.Request) -> web.Response:
     if since > now + 5:  # a little clock skew between the pipeline and passguard
         return _error(400, f"since={q['since']!r} is in the future")
     mesh = q.get("mesh") or None
-    store = daemon.store
+    store = backend.store
     snap = store.snapshot
     if mesh is not None and not snap.for_mesh(mesh) and not any(
             t.mesh == mesh for t in store.targets.values()):
         return _error(404, f"passguard knows no dataplane in mesh {mesh!r}")
-    decisions = await _decisions(daemon, since, mesh)
+    decisions = await _decisions(backend, since, mesh)
     body = await verify(since=since, now=now, mesh=mesh, decisions=decisions,
                         targets=store.targets, histories=store.histories,
                         others=[d for d in snap.dataplanes if d.origin != "scrape"],
                         stale_after=store.stale_after,
-                        interval=daemon.config.scrape.interval,
+                        interval=backend.config.scrape.interval,
                         kept=store.window + store.stale_after)
     return web.json_response(body)
 
 
-def readiness_body(daemon: Daemon, to: str, mesh: str | None = None,
+def readiness_body(backend: Backend, to: str, mesh: str | None = None,
                    now: float | None = None) -> dict[str, Any]:
     """Every mesh passguard knows (evidence or a control plane), or one."""
     now = time.time() if now is None else now
-    snap = daemon.store.snapshot.at(now)
-    states = daemon.mesh_states()
+    snap = backend.store.snapshot.at(now)
+    states = backend.mesh_states()
     meshes = sorted(set(snap.meshes()) | set(states)) if mesh is None else [mesh]
     results = []
     for m in meshes:
@@ -108,7 +104,7 @@ def readiness_body(daemon: Daemon, to: str, mesh: str | None = None,
 
 
 async def get_readiness(request: web.Request) -> web.Response:
-    daemon = _daemon(request)
+    backend = _backend(request)
     q = request.query
     to = q.get("to")
     if not to:
@@ -116,10 +112,10 @@ async def get_readiness(request: web.Request) -> web.Response:
     if to not in rd.TARGETS:
         return _error(400, f"to={to!r} is not supported (supported: {', '.join(rd.TARGETS)})")
     mesh = q.get("mesh") or None
-    if mesh is not None and not daemon.store.snapshot.for_mesh(mesh) \
-            and mesh not in daemon.mesh_states():
+    if mesh is not None and not backend.store.snapshot.for_mesh(mesh) \
+            and mesh not in backend.mesh_states():
         return _error(404, f"passguard knows no mesh {mesh!r} (no dataplane, no control plane)")
-    return web.json_response(readiness_body(daemon, to, mesh))
+    return web.json_response(readiness_body(backend, to, mesh))
 
 
 def register(app: web.Application) -> None:

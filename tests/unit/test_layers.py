@@ -40,7 +40,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "passguard.store.shadows", "passguard.audit")),
     ("gate", ("passguard.gate.*", "passguard.verify", "passguard.shadows")),
     ("exposition", ("passguard.metrics", "passguard.exposition")),
-    ("web", ("passguard.web.*",)),
+    # passguard.web.backend: the Backend protocol the routes read the daemon through.
+    ("web", ("passguard.web.backend", "passguard.web.*")),
     ("app", ("passguard.startup", "passguard.app", "passguard.demo.*")),
     ("cli", ("passguard.cli_common", "passguard.cli_init", "passguard.cli_progress",
              "passguard.cli_shadow", "passguard.cli_verify", "passguard.cli_ops",
@@ -66,14 +67,16 @@ def modules() -> dict[str, Path]:
 MODULES = modules()
 
 
-def imports_of(name: str) -> Iterator[str]:
+def imports_of(name: str, typing_too: bool = False) -> Iterator[str]:
     """Modules of passguard (and top-level third-party names) ``name`` imports,
-    at module level or inside functions; ``TYPE_CHECKING`` blocks excepted."""
+    at module level or inside functions; ``TYPE_CHECKING`` blocks excepted
+    unless ``typing_too``."""
     tree = ast.parse(MODULES[name].read_text())
     package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
     skip: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if not typing_too and isinstance(node, ast.If) \
+                and "TYPE_CHECKING" in ast.unparse(node.test):
             skip.update(id(n) for n in ast.walk(node))
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -122,6 +125,17 @@ def test_imports_run_down_the_layers(name: str) -> None:
     mine = layer_of(name)
     up = sorted(f"{d} ({LAYERS[layer_of(d)][0]})" for d in GRAPH[name] if layer_of(d) > mine)
     assert not up, f"{name} ({LAYERS[mine][0]}) imports a higher layer: {up}"
+
+
+@pytest.mark.parametrize("name", [m for m in sorted(MODULES) if matches(m, "passguard.web.*")])
+def test_the_routes_never_see_the_daemon(name: str) -> None:
+    """The web layer reads the daemon through passguard.web.backend.Backend
+    only: not even a type annotation names passguard.app (routes are tested
+    with a fake backend, tests/unit/test_routes_backend.py)."""
+    seen = {x for i in imports_of(name, typing_too=True)
+            if (x := local(i)) and x != "passguard"}  # `from passguard import __version__`
+    assert not {x for x in seen if layer_of(x) > layer_of(name)}, \
+        f"{name} imports above the web layer, type annotations included: {sorted(seen)}"
 
 
 def test_no_import_cycles() -> None:
