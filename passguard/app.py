@@ -213,8 +213,8 @@ class Daemon:
             self.metrics.persist_failures.inc()
             log.error("could not evaluate shadows into %s: %s", self.config.state_path, exc)
 
-    def _prepare(self, snap: Snapshot, mesh: str) -> None:
-        service.prepare(snap, mesh, self.sources.mesh_states())
+    async def _prepare(self, snap: Snapshot) -> None:
+        await service.prepare_in_worker(snap, self.sources.mesh_states())
 
     def mesh_states(self) -> dict[str, MeshState]:
         """The control planes' current policy sets, per mesh (the gate's "before")."""

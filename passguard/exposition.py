@@ -72,6 +72,12 @@ def _num(v: float) -> str:
     return str(_go_float(v))  # type: ignore[no-untyped-call]
 
 
+def _count(v: int) -> str:
+    # _num for a counter: Go's format of an integer below 1e6 is "123.0"
+    # (above, it switches to exponents), without the float round trip.
+    return f"{v}.0" if -1_000_000 < v < 1_000_000 else _num(v)
+
+
 def _value(s: str) -> str:
     # Label values: the same three escapes in both formats.
     return s.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
@@ -138,8 +144,10 @@ def _spelling(fmt: Format) -> dict[str, tuple[str, str]]:
 #: The per-dataplane families, in output order: a dataplane's lines are one
 #: bytes per section.
 SECTIONS = (CONNECTIONS, ACTIVE, BYTES, BLOCKED, FAILURES, OVERFLOW, UP, DURATION, LAST_OK)
-#: Dataplanes joined between two turns of the event loop in a render.
+#: Rows looked up between two turns of the event loop in a render (~1 ms); a
+#: row whose lines must be written counts WRITE_COST.
 ROWS_PER_TURN = 2_000
+WRITE_COST = 50
 #: A format nobody asked for in this long is no longer written ahead.
 FORMAT_IDLE_SECONDS = 600.0
 
@@ -175,13 +183,13 @@ def lines_of(dp: DataplaneEvidence, fmt: Format) -> tuple[bytes, ...]:
     fams = sorted(dp.latest.items())
 
     def counter(name: str, get: Callable[[Counters], int]) -> bytes:
-        return "".join(f'{name}{{{head},{n.family}="{family}",{tail}}} {_num(get(c))}\n'
+        return "".join(f'{name}{{{head},{n.family}="{family}",{tail}}} {_count(get(c))}\n'
                        for family, c in fams).encode()
 
     out = [counter(n.samples[i], get) for i, (_, get) in enumerate(COUNTER_SERIES[:2])]
     out.append("".join(
         f'{n.samples[2]}{{{head},{n.direction}="{direction}",{n.family}="{family}",'
-        f"{tail}}} {_num(v)}\n"
+        f"{tail}}} {_count(v)}\n"
         for family, c in fams
         for direction, v in (("sent", c.tx_bytes), ("received", c.rx_bytes))).encode())
     out.extend(counter(n.samples[3 + i], get) for i, (_, get) in enumerate(COUNTER_SERIES[2:]))
@@ -194,25 +202,31 @@ def lines_of(dp: DataplaneEvidence, fmt: Format) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+_Entry = tuple[DataplaneEvidence, tuple[bytes, ...]]
+
+
 class Lines:
     """Each dataplane's lines per format, kept while its evidence is the same
     object. Formats are the ones asked for lately (a Prometheus asks for one)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        # format → dataplane key → (the evidence the lines are of, the lines)
-        self._by_fmt: dict[Format, dict[str, tuple[DataplaneEvidence, tuple[bytes, ...]]]] = {}
+        # format → dataplane key → the lines of its two latest evidences, newest
+        # first: the one being published and the one written ahead for the
+        # next snapshot (a render mid-cycle finds both).
+        self._by_fmt: dict[Format, dict[str, tuple[_Entry, ...]]] = {}
         self._asked: dict[Format, float] = {}
 
     def warm(self, dp: DataplaneEvidence) -> None:
         """Write ``dp``'s lines now, for every format asked for lately."""
         if dp.origin != "scrape":
             return
+        key = dp.target.key
         for fmt, cache in self._by_fmt.items():
-            cache[dp.target.key] = (dp, lines_of(dp, fmt))
+            cache[key] = ((dp, lines_of(dp, fmt)), *cache.get(key, ())[:1])
 
     def parts(self, snap: Snapshot, fmt: Format) -> Iterator[list[bytes]]:
-        """The rows of ``snap`` in pieces of ROWS_PER_TURN dataplanes (lines
+        """The rows of ``snap`` in pieces of about ROWS_PER_TURN lookups (lines
         written ahead where they are of the same evidence), then the sections."""
         now = self._clock()
         self._asked[fmt] = now
@@ -221,17 +235,25 @@ class Lines:
             self._by_fmt.pop(old, None)
         cache = self._by_fmt.setdefault(fmt, {})
         rows: list[tuple[bytes, ...]] = []
-        for i, dp in enumerate(d for d in snap.dataplanes if d.origin == "scrape"):
-            # Not from Prometheus: its series already live in the Prometheus
-            # it came from, and exporting them again would double them there.
-            got = cache.get(dp.target.key)
-            if got is None:
-                got = cache[dp.target.key] = (dp, lines_of(dp, fmt))
-            elif got[0] is not dp:
-                # Written ahead for newer evidence (kept), or of older evidence.
-                got = (dp, lines_of(dp, fmt))
-            rows.append(got[1])
-            if i % ROWS_PER_TURN == ROWS_PER_TURN - 1:
+        work = 0
+        for dp in snap.dataplanes:
+            if dp.origin != "scrape":
+                # Its series already live in the Prometheus it came from:
+                # exporting them again would double them there.
+                continue
+            got = cache.get(dp.target.key, ())
+            lines = next((ln for d, ln in got if d is dp), None)
+            if lines is None:
+                # Not written ahead (a format just asked for, evidence computed
+                # at the assembly): kept unless newer lines are there already.
+                lines = lines_of(dp, fmt)
+                work += WRITE_COST
+                if not got:
+                    cache[dp.target.key] = ((dp, lines),)
+            rows.append(lines)
+            work += 1
+            if work >= ROWS_PER_TURN:
+                work = 0
                 yield []
         if len(cache) > len(rows):
             keys = {d.target.key for d in snap.dataplanes}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 
 from passguard.envoy.clusters import Destination as EnvoyDestination
@@ -251,15 +251,12 @@ class Store:
         return self._assemble(now, out, extra)
 
     async def publish(self, snap: Snapshot,
-                      prepare: Callable[[Snapshot, str], None] | None = None) -> Snapshot:
-        """Publish ``snap`` once ``prepare(snap, mesh)`` has run for each of its
-        meshes (the gate computes the judgement every request about that mesh
-        starts from), a turn of the loop between meshes: otherwise the first
-        requests after the switch, all arriving at once, would compute it."""
+                      prepare: Callable[[Snapshot], Awaitable[None]] | None = None) -> Snapshot:
+        """Publish ``snap`` once ``prepare(snap)`` is done (the gate computes the
+        judgement every request about each mesh starts from): otherwise the
+        first requests after the switch, all arriving at once, would."""
         if prepare is not None:
-            for mesh in snap.meshes():
-                await asyncio.sleep(0)
-                prepare(snap, mesh)
+            await prepare(snap)
         self.snapshot = snap
         return snap
 

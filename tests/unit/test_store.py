@@ -14,6 +14,7 @@ import pytest
 from passguard.envoy.clusters import Destination as Seen
 from passguard.gate import service
 from passguard.store.persistence import StateDB
+from passguard.store.snapshot import Snapshot
 from passguard.store.store import Store
 from passguard.targets import Target
 from passguard.verdicts import GateConfig
@@ -151,10 +152,10 @@ def test_a_snapshot_is_published_with_its_common_summaries_ready(tmp_path: Path)
                 "spec": {"targetRef": {"kind": "Mesh"}, "default": {"passthroughMode": "None"}}}]
     seen: list[tuple[int, int]] = []
 
-    def prepare(snap: object, mesh: str) -> None:
+    async def prepare(snap: Snapshot) -> None:
         assert store.snapshot is not snap  # not published yet
-        service.prepare(snap, mesh)  # type: ignore[arg-type]
-        seen.append((id(snap), len(snap.memo)))  # type: ignore[attr-defined]
+        await service.prepare_in_worker(snap)
+        seen.append((id(snap), len(snap.memo)))
 
     async def main() -> None:
         snap = await store.publish(store.assemble(1000.0), prepare)
