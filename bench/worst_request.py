@@ -77,9 +77,9 @@ def fill_state(path: Path, dataplanes: int, destinations: int, now: float,
     store.set_targets(targets)
     t0, t1 = now - window / 3, now - 5.0
     for t, total in ((t0, 0), (t1, 1000)):
-        updates = store.record([ScrapeResult(tg, t, 0.01, StatsReading(
+        store.record([ScrapeResult(tg, t, 0.01, StatsReading(
             3600.0 + t - t0, {"ipv4": Counters(cx_total=total)}), None) for tg in targets])
-        asyncio.run(store.persist(updates, t))
+        asyncio.run(store.persist(t))
     per_dp: dict[int, list[EnvoyDestination]] = {}
     for i in range(destinations):
         per_dp.setdefault(i % dataplanes, []).append(

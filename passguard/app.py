@@ -34,7 +34,7 @@ from passguard.heap import Freezer
 from passguard.metrics import Metrics
 from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
 from passguard.policy.model import MeshState
-from passguard.scraper import ClustersRead, Scraper, ScrapeResult
+from passguard.scraper import ClustersRead, Scraper
 from passguard.sdnotify import Notifier
 from passguard.sources.sourceset import SourceSet
 from passguard.startup import fd_budget_warning, now_for_scheduler, open_shadows, open_state
@@ -130,19 +130,14 @@ class Daemon:
             scrape = self.config.scrape
             spread = spread_for(len(targets), scrape.spread, scrape.interval, scrape.timeout,
                                 AUTO_SCRAPE_RATE)
-            updates = []
-
-            def record(result: ScrapeResult) -> None:
-                if (update := self.store.record_one(result)) is not None:
-                    updates.append(update)
-
             results, extra = await asyncio.gather(
-                self.scraper.cycle(targets, self.sources.request_for, spread, record),
+                self.scraper.cycle(targets, self.sources.request_for, spread,
+                                   self.store.record_one),
                 self.sources.collect(time.time()))
             self.store.finish_cycle()
             now = time.time()
             try:
-                await self.store.persist(updates, now)
+                await self.store.persist(now)
             except Exception as exc:
                 # The evidence stays in memory and the gate keeps answering;
                 # the failure is counted and logged for the operator.

@@ -171,15 +171,34 @@ def _names(fmt: Format) -> _Names:
                   fmt.label("direction"))
 
 
-def lines_of(dp: DataplaneEvidence, fmt: Format) -> tuple[bytes, ...]:
+_Entry = tuple[DataplaneEvidence, tuple[bytes, ...]]
+
+
+def lines_of(dp: DataplaneEvidence, fmt: Format, before: _Entry | None = None
+             ) -> tuple[bytes, ...]:
     """One dataplane's series, one bytes per section (empty where it has none).
+    ``before``: its previous lines; their counter sections are reused when the
+    target and counters are the same (an idle proxy: only its gauges change).
     Labels are sorted by name, as prometheus_client writes them: dataplane,
     [direction,] family, mesh, service."""
     n = _names(fmt)
     t = dp.target
     head = f'{n.dataplane}="{_value(t.dataplane)}"'
     mesh = f'{n.mesh}="{_value(t.mesh)}"'
-    tail = f'{mesh},{n.service}="{_value(t.service)}"'
+    if before is not None and before[0].target == t and before[0].latest == dp.latest:
+        out = list(before[1][:6])
+    else:
+        out = _counter_lines(dp, n, head, f'{mesh},{n.service}="{_value(t.service)}"')
+    if dp.state == "offline":
+        return (*out, b"", b"", b"")
+    short = f"{head},{mesh}"
+    for i, g in ((6, 1.0 if dp.state == "fresh" else 0.0), (7, dp.scrape_duration),
+                 (8, dp.last_success)):
+        out.append(b"" if g is None else f"{n.samples[i]}{{{short}}} {_num(g)}\n".encode())
+    return tuple(out)
+
+
+def _counter_lines(dp: DataplaneEvidence, n: _Names, head: str, tail: str) -> list[bytes]:
     fams = sorted(dp.latest.items())
 
     def counter(name: str, get: Callable[[Counters], int]) -> bytes:
@@ -193,16 +212,7 @@ def lines_of(dp: DataplaneEvidence, fmt: Format) -> tuple[bytes, ...]:
         for family, c in fams
         for direction, v in (("sent", c.tx_bytes), ("received", c.rx_bytes))).encode())
     out.extend(counter(n.samples[3 + i], get) for i, (_, get) in enumerate(COUNTER_SERIES[2:]))
-    if dp.state == "offline":
-        return (*out, b"", b"", b"")
-    short = f"{head},{mesh}"
-    for i, g in ((6, 1.0 if dp.state == "fresh" else 0.0), (7, dp.scrape_duration),
-                 (8, dp.last_success)):
-        out.append(b"" if g is None else f"{n.samples[i]}{{{short}}} {_num(g)}\n".encode())
-    return tuple(out)
-
-
-_Entry = tuple[DataplaneEvidence, tuple[bytes, ...]]
+    return out
 
 
 class Lines:
@@ -223,7 +233,8 @@ class Lines:
             return
         key = dp.target.key
         for fmt, cache in self._by_fmt.items():
-            cache[key] = ((dp, lines_of(dp, fmt)), *cache.get(key, ())[:1])
+            got = cache.get(key, ())
+            cache[key] = ((dp, lines_of(dp, fmt, got[0] if got else None)), *got[:1])
 
     def parts(self, snap: Snapshot, fmt: Format) -> Iterator[list[bytes]]:
         """The rows of ``snap`` in pieces of about ROWS_PER_TURN lookups (lines

@@ -145,7 +145,7 @@ class Scraper:
     async def cycle(self, targets: list[Target],
                     request_for: Callable[[Target], Request | None] | None = None,
                     spread: float = 0.0,
-                    on_result: Callable[[ScrapeResult], None] | None = None
+                    on_result: Callable[[ScrapeResult], object] | None = None
                     ) -> list[ScrapeResult]:
         """Scrape every online target, the starts spread over ``spread`` seconds;
         ``on_result`` sees each result as soon as its scrape ends."""

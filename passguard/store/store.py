@@ -107,6 +107,8 @@ class Store:
             added = []
         h.prune(self.prune_before(r.t))
         key = r.target.key
+        if self.db is not None:
+            self._unsaved.setdefault(key, (h, []))[1].extend(added)
         target = self.targets.get(key)
         if target is not None and not self.since_start:
             ev = self._evidence(key, target, r.t)
@@ -195,29 +197,35 @@ class Store:
         # must still be there to be judged.
         return now - self.window - self.stale_after
 
-    async def persist(self, updates: list[tuple[str, History, list[Segment]]], now: float) -> None:
-        """Write this cycle, plus whatever an earlier failed write left behind:
-        evidence seen while the disk was full must reach it once it is not."""
-        # Each history was pruned when its result was recorded (record_one).
-        before = self.prune_before(now)
+    async def persist(self, now: float) -> None:
+        """Write what was recorded since the last write, plus whatever an
+        earlier failed write left behind: evidence seen while the disk was
+        full must reach it once it is not. The rows are built in the writing
+        thread: the loop only hands the backlog over."""
         if self.db is None:
             self._removed.clear()
             return
-        for key, h, new in updates:
-            pending = self._unsaved.setdefault(key, (h, []))
-            pending[1].extend(new)
         for key in self._removed:
             self._unsaved.pop(key, None)
-        batch = []
-        for key, (h, segs) in list(self._unsaved.items()):
-            if key in self.histories:
-                # Pruned here: a long outage must not grow the backlog past the window.
-                batch.append((key, h, [s for s in segs if s.end > before]))
-        self._unsaved = {key: (h, segs) for key, h, segs in batch}
+        pending, self._unsaved = self._unsaved, {}
         removed = list(self._removed)
-        await asyncio.to_thread(self.db.save, batch, before, removed)
-        self._unsaved.clear()
+        try:
+            await asyncio.to_thread(self._save, pending, self.prune_before(now), removed)
+        except BaseException:
+            for key, (h, segs) in pending.items():
+                if key in self.histories:  # kept before anything recorded since
+                    later = self._unsaved.get(key, (h, []))[1]
+                    self._unsaved[key] = (h, segs + later)
+            raise
         self._removed.clear()
+
+    def _save(self, pending: dict[str, tuple[History, list[Segment]]], before: float,
+              removed: list[str]) -> None:
+        assert self.db is not None
+        # Pruned here: a long outage must not grow the backlog past the window.
+        self.db.save([(key, h, [s for s in segs if s.end > before])
+                      for key, (h, segs) in pending.items() if key in self.histories],
+                     before, removed)
 
     def build_snapshot(self, now: float,
                        extra: Iterable[DataplaneEvidence] | None = None) -> Snapshot:

@@ -108,8 +108,8 @@ def restarted(a: Sample, b: Sample) -> bool:
 class History:
     """Segments of one dataplane plus what the status page and metrics need."""
 
-    __slots__ = ("last", "last_attempt", "last_duration", "last_error", "last_success",
-                 "pruned_until", "segments")
+    __slots__ = ("_window", "last", "last_attempt", "last_duration", "last_error",
+                 "last_success", "pruned_until", "segments")
 
     def __init__(self) -> None:
         self.segments: deque[Segment] = deque()
@@ -121,6 +121,10 @@ class History:
         # Segments ending at or before this were pruned with traffic (or
         # incomplete) in them: a window reaching back before it is uncovered.
         self.pruned_until: float = NEG_INF
+        # The last window() answer: (start, short, valid before, result). It
+        # holds for any later start before the next segment boundary, which
+        # is how an idle dataplane's evidence costs nothing to recompute.
+        self._window: tuple[float, float, float, WindowResult] | None = None
 
     def add(self, t: float, reading: StatsReading, stale_gap: float) -> list[Segment]:
         """Record a successful scrape; return the segments it added (to persist)."""
@@ -153,6 +157,8 @@ class History:
         # sum and uncovers nothing: not storing it keeps an idle fleet's memory
         # and per-cycle work flat (most sidecars are idle most of the time).
         added = [s for s in added if not s.empty]
+        if added or a is None:
+            self._window = None
         self.segments.extend(added)
         self.last = b
         self.last_success = t
@@ -167,6 +173,8 @@ class History:
     def prune(self, before: float) -> None:
         """Forget segments that ended before ``before`` (older than any window asked)."""
         segs = self.segments
+        if segs and segs[0].end <= before:
+            self._window = None
         while segs and segs[0].end <= before:
             seg = segs.popleft()
             if seg.connections or not seg.complete:
@@ -174,6 +182,9 @@ class History:
 
     def window(self, window_start: float, short: float) -> WindowResult:
         """Increase inside ``[window_start, last sample]`` and whether it is complete."""
+        cached = self._window
+        if cached is not None and cached[1] == short and cached[0] <= window_start < cached[2]:
+            return cached[3]
         # Plain lists, one Counters at the end: this runs for every dataplane
         # every cycle, and NamedTuple arithmetic dominated it.
         acc: dict[Family, list[int]] = {}
@@ -181,13 +192,20 @@ class History:
         reason: str | None = None
         if self.last is None:
             return WindowResult({}, False, "never scraped successfully")
+        # The answer changes only when the start passes a segment's end (it
+        # leaves), a long segment's start (it stops counting whole) or the
+        # pruning mark: the earliest of those above the start bounds reuse.
+        valid_before = math.inf
         for seg in reversed(self.segments):
             if seg.end <= window_start:
                 break
+            valid_before = min(valid_before, seg.end)
             if not seg.complete:
                 covered = False
                 reason = "the proxy restarted during a gap in scraping"
             counts = seg.start >= window_start or (seg.end - seg.start) <= short
+            if seg.start >= window_start and (seg.end - seg.start) > short:
+                valid_before = min(valid_before, seg.start)
             if counts:
                 for fam, c in seg.increase.items():
                     row = acc.get(fam)
@@ -202,7 +220,10 @@ class History:
         if self.pruned_until > window_start:
             covered = False
             reason = reason or "older samples were already pruned"
-        return WindowResult({f: Counters(*v) for f, v in acc.items()}, covered, reason)
+            valid_before = min(valid_before, self.pruned_until)
+        result = WindowResult({f: Counters(*v) for f, v in acc.items()}, covered, reason)
+        self._window = (window_start, short, valid_before, result)
+        return result
 
     def since_start(self) -> WindowResult:
         """Everything the proxy counted since it started: the standalone check."""

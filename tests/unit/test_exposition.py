@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -177,9 +178,10 @@ def test_lines_written_ahead_are_the_ones_rendered(monkeypatch: pytest.MonkeyPat
     written: list[str] = []
     real = exposition.lines_of
 
-    def counting(dp: DataplaneEvidence, f: Format) -> tuple[bytes, ...]:
+    def counting(dp: DataplaneEvidence, f: Format,
+                 before: exposition._Entry | None = None) -> tuple[bytes, ...]:
         written.append(dp.target.key)
-        return real(dp, f)
+        return real(dp, f, before)
 
     monkeypatch.setattr(exposition, "lines_of", counting)
     newer = _fleet(10, t=20.0)
@@ -196,6 +198,24 @@ def test_lines_written_ahead_are_the_ones_rendered(monkeypatch: pytest.MonkeyPat
     assert written == []  # everything was written ahead
     assert render(second, fmt, lines) == oracle(second, fmt) and written == []
     assert sorted(lines._by_fmt[fmt]) == sorted(d.target.key for d in newer)
+
+
+@settings(max_examples=50, deadline=None)
+@given(snap=snapshots(), fmt=st.sampled_from(FORMATS), data=st.data())
+def test_lines_reused_from_an_idle_proxys_previous_ones_are_exact(
+        snap: Snapshot, fmt: Format, data: st.DataObject) -> None:
+    """The counter sections of a dataplane whose target and counters did not
+    change are taken from its previous lines: the bytes are still exact."""
+    lines = exposition.Lines()
+    render(snap, fmt, lines)
+    later = tuple(
+        replace(d, state=data.draw(st.sampled_from(STATES)), scrape_duration=0.5,
+                last_success=d.last_success and d.last_success + 15)
+        for d in snap.dataplanes)
+    for d in later:
+        lines.warm(d)
+    again = Snapshot(snap.time + 15, 900.0, 45.0, later)
+    assert render(again, fmt, lines) == oracle(again, fmt)
 
 
 def test_a_format_nobody_asks_for_is_no_longer_written_ahead() -> None:

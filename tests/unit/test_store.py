@@ -175,3 +175,45 @@ def test_a_snapshot_is_published_with_its_common_summaries_ready(tmp_path: Path)
     asyncio.run(main())
     assert [n for _, n in seen] == [1, 1]
     db.close()
+
+
+def test_segments_of_a_failed_write_reach_the_disk_with_the_next_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results are queued for the disk as they are recorded; a write that
+    fails keeps them, ahead of what is recorded meanwhile, and the next write
+    saves both: a restart then restores every segment."""
+    from passguard.envoy.stats import Counters, StatsReading
+    from passguard.scraper import ScrapeResult
+
+    db, store, a, b = two_dataplanes(tmp_path)
+    failing = [True]
+    real = StateDB.save
+
+    def flaky(self: StateDB, *args: object) -> None:
+        if failing[0]:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StateDB, "save", flaky)
+
+    def cycle(t: float, total: int) -> None:
+        for tg in (a, b):
+            store.record_one(ScrapeResult(tg, t, 0.01, StatsReading(
+                3600.0 + t, {"ipv4": Counters(cx_total=total)}), None))
+
+    cycle(1000.0, 0)
+    cycle(1015.0, 5)
+    with pytest.raises(sqlite3.OperationalError):
+        asyncio.run(store.persist(1015.0))
+    cycle(1030.0, 9)  # recorded while the backlog waits
+    failing[0] = False
+    asyncio.run(store.persist(1030.0))
+    db.close()
+    restored = Store(900.0, 45.0, StateDB(tmp_path / "state.db"))
+    assert restored.restore() == 2
+    for tg in (a, b):
+        h = restored.histories[tg.key]
+        assert [s.connections for s in h.segments] == [5, 4]
+        assert h.last is not None and h.last.t == 1030.0
+    assert restored.db is not None
+    restored.db.close()

@@ -6,6 +6,9 @@ every edge (restart in a gap, straddling segments, pruning) is pinned exactly.
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from passguard.envoy.stats import Counters, StatsReading
 from passguard.store.window import History, Sample, restarted
 
@@ -156,3 +159,34 @@ def test_idle_samples_store_nothing_and_change_nothing() -> None:
     # a long segment straddling the window start, so not proven inside it.
     assert not res.covered
     assert h.window(199.0, STALE).total_connections == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("scrape"), st.sampled_from([1.0, 5.0, 15.0, 40.0, 300.0]),
+              st.integers(0, 4), st.booleans()),
+    st.tuples(st.just("ask"), st.floats(0.0, 400.0), st.sampled_from([15.0, 45.0]),
+              st.booleans()),
+    st.tuples(st.just("prune"), st.floats(0.0, 400.0), st.just(0), st.just(False))),
+    max_size=40))
+def test_a_reused_window_answer_equals_one_computed_afresh(
+        ops: list[tuple[str, float, float, bool]]) -> None:
+    """window() reuses its last answer for later starts until a segment
+    boundary; whatever the interleaving of scrapes, prunes and starts, the
+    answer equals the one a history without that memory gives."""
+    h = History()
+    t, uptime, total = 1000.0, 50.0, 0
+    for op, x, y, flag in ops:
+        if op == "scrape":
+            t += x
+            uptime = x / 2 if flag else uptime + x
+            total = int(y) if flag else total + int(y)
+            h.add(t, StatsReading(uptime, {"ipv4": Counters(cx_total=total)}), 45.0)
+        elif op == "prune":
+            h.prune(t - x)
+        else:
+            start = t - x
+            fresh = History()
+            fresh.segments.extend(h.segments)
+            fresh.last, fresh.pruned_until = h.last, h.pruned_until
+            assert h.window(start, y) == fresh.window(start, y)
