@@ -19,8 +19,11 @@ process (``docs/performance.md`` explains every figure):
    from ``/proc/<pid>``) and never overlaps a gate measurement by accident.
    One warm-up cycle (connections, first histories) is run first and reported
    apart; ``cycle_seconds`` is the median of the ``--cycles`` that follow.
-   Then concurrent ``POST /v1/check`` clients measure the gate on that
-   daemon, idle and while a cycle runs;
+   The driver owns the process as ``passguard run`` does (heap frozen after
+   each cycle, GIL switch interval). Then concurrent ``POST /v1/check``
+   clients measure the gate on that daemon, idle and while a cycle runs: an
+   unspread one (``gate_unspread_*``) and one with ``scrape.spread`` as in
+   production (``spread-cycle``: auto; ``gate_busy_*``);
 3. Prometheus (the Debian binary, or ``--prometheus``) scraping the same N
    targets' ``/stats/prometheus`` with passguard's ``filter``, then a subset
    of them without filter (every series of a big sidecar: see
@@ -51,7 +54,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -210,6 +213,7 @@ async def driver(config_path: Path) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     daemon = Daemon(config_mod.load(config_path), config_path)
     await daemon.start(schedule=False)
+    daemon.own_the_process()  # the collector and GIL settings of `passguard run`
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -228,7 +232,7 @@ async def driver(config_path: Path) -> int:
                 segments = prefill(daemon, int(count), float(interval))
                 say({"event": "prefilled", "segments": segments})
                 continue
-            if line not in ("cycle", "cold-cycle"):
+            if line not in ("cycle", "cold-cycle", "spread-cycle"):
                 say({"event": "error", "error": f"unknown command {line!r}"})
                 continue
             if line == "cold-cycle":
@@ -236,8 +240,15 @@ async def driver(config_path: Path) -> int:
                 # connected anew, as when targets are distinct hosts whose
                 # idle connections expired between two scheduled cycles.
                 await daemon.scraper.client.close()
+            unspread = daemon.config
+            if line == "spread-cycle":
+                # scrape.spread as in production (auto), for this cycle only.
+                daemon.config = replace(unspread, scrape=replace(unspread.scrape, spread=None))
             t0 = time.monotonic()
-            await daemon.cycle()
+            try:
+                await daemon.cycle()
+            finally:
+                daemon.config = unspread
             seconds = time.monotonic() - t0
             snap = daemon.store.snapshot
             errors = [d.error for d in snap.dataplanes if d.error]
@@ -504,21 +515,25 @@ async def measure_passguard(tmp: Path, opts: Options, n: int, fleet: Child, flee
             log(f"[{n}] gate, idle daemon: p50 {row['gate_p50_ms']:.1f} ms, p99 "
                 f"{row['gate_p99_ms']:.1f} ms, {row['gate_rps']:.1f} checks/s, "
                 f"{row['gate_cpu_ms_per_check']:.1f} ms CPU per check")
-            # A pipeline's checks while a scrape cycle runs on the same event loop.
-            await drv.send("cycle")
-            answer: asyncio.Task[str] = asyncio.ensure_future(drv.readline(600))
-            busy = await gate_load(session, url, opts.gate_busy_clients, answer.done,
-                                   opts.meshes)
-            done = json.loads(await answer)
-            row["busy_cycle_seconds"] = done.get("seconds")
-            row["busy_cycle_failed_targets"] = done.get("failed")
-            row["gate_busy_requests"] = len(busy)
-            if busy:
-                row["gate_busy_p50_ms"] = 1000 * percentile(busy, 50)
-                row["gate_busy_p99_ms"] = 1000 * percentile(busy, 99)
-            log(f"[{n}] gate during a cycle ({opts.gate_busy_clients} client): "
-                f"{len(busy)} checks, p99 {row.get('gate_busy_p99_ms', 0):.0f} ms; the cycle "
-                f"took {done.get('seconds', 0):.2f}s, {done.get('failed')} targets failed")
+            # A pipeline's checks while a scrape cycle runs on the same event
+            # loop: unspread (every scrape at once: the cycle's cost), then as
+            # in production (scrape.spread auto: the starts spread).
+            for command, prefix in (("cycle", "unspread"), ("spread-cycle", "busy")):
+                await drv.send(command)
+                answer: asyncio.Task[str] = asyncio.ensure_future(drv.readline(600))
+                busy = await gate_load(session, url, opts.gate_busy_clients, answer.done,
+                                       opts.meshes)
+                done = json.loads(await answer)
+                row[f"{prefix}_cycle_seconds"] = done.get("seconds")
+                row[f"{prefix}_cycle_failed_targets"] = done.get("failed")
+                row[f"gate_{prefix}_requests"] = len(busy)
+                if busy:
+                    row[f"gate_{prefix}_p50_ms"] = 1000 * percentile(busy, 50)
+                    row[f"gate_{prefix}_p99_ms"] = 1000 * percentile(busy, 99)
+                log(f"[{n}] gate during a{'n unspread' if prefix == 'unspread' else ' spread'} "
+                    f"cycle ({opts.gate_busy_clients} client): {len(busy)} checks, p99 "
+                    f"{row.get(f'gate_{prefix}_p99_ms', 0):.0f} ms; the cycle took "
+                    f"{done.get('seconds', 0):.2f}s, {done.get('failed')} targets failed")
         row["peak_rss_bytes"] = status_bytes(drv.pid, "VmHWM")
         await drv.send("stop")
         if drv.proc is not None:
@@ -715,6 +730,7 @@ COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("scan MB/s", "scan_mb_per_s", lambda v: f"{v:.0f}"),
     ("gate p50 ms", "gate_p50_ms", lambda v: f"{v:.1f}"),
     ("gate p99 ms", "gate_p99_ms", lambda v: f"{v:.1f}"),
+    ("unspread p99 ms", "gate_unspread_p99_ms", lambda v: f"{v:.0f}"),
     ("busy p99 ms", "gate_busy_p99_ms", lambda v: f"{v:.0f}"),
 )
 

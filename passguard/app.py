@@ -245,6 +245,17 @@ class Daemon:
             for i, src in enumerate(self.sources.kuma):
                 self._job(src.discover, src.cfg.discovery_interval, f"discovery-{i}")
 
+    def own_the_process(self) -> None:
+        """What `passguard run` (and the benchmark's driver) set once started;
+        not in start(): tests run many daemons per process. What is alive now
+        lives as long as the process: frozen, it is left out of the
+        collector's full passes, which otherwise hold the GIL for 20-30 ms
+        while gate requests wait (passguard.heap keeps it so after each cycle)."""
+        gc.collect()  # first, so no garbage is frozen
+        gc.freeze()
+        self.heap.enabled = True
+        sys.setswitchinterval(SWITCH_INTERVAL)
+
     async def _tls_reload(self) -> None:
         """Re-read the certificate files when they changed (auth.tls.reload_interval)."""
         if self.tls is not None:
@@ -475,15 +486,7 @@ class Daemon:
             # databases among it) and let the CLI name the problem.
             await self.stop()
             raise
-        # What is alive now (modules, classes, the restored window) lives as long
-        # as the process. Frozen, it is left out of the collector's full passes,
-        # which otherwise hold the GIL for 20-30 ms (~60,000 objects, measured)
-        # while gate requests wait; after, 2-3 ms. Collected first, so no
-        # garbage is frozen. Not in start(): tests run many daemons per process.
-        gc.collect()
-        gc.freeze()
-        self.heap.enabled = True  # and again after each cycle (passguard.heap)
-        sys.setswitchinterval(SWITCH_INTERVAL)
+        self.own_the_process()
         if interval := self.notifier.watchdog_interval():
             # A job like every duty: a stuck event loop stops the pings too.
             self._job(self.notifier.watchdog, interval, "watchdog")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -109,3 +110,36 @@ def test_a_failing_run_ends_the_pass_with_its_error() -> None:
     asyncio.run(main())
     assert runs.started == [0, 1, 2]
     assert runs.cancelled == 2
+
+
+def test_an_unspread_pass_starts_its_runs_a_burst_per_turn(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no spread (or behind its pace) a pass starts START_BURST runs, then
+    hands the loop back: 10,000 starts in one callback held it ~110 ms."""
+    from passguard import pacing
+    monkeypatch.setattr(pacing, "START_BURST", 10)
+    turns: list[int] = []
+
+    async def main() -> list[int]:
+        started = 0
+
+        async def run(i: int) -> int:
+            nonlocal started
+            started += 1
+            return i
+
+        async def watch() -> None:
+            for _ in range(20):
+                turns.append(started)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        out = await paced(list(range(50)), 0.0, run)
+        await watcher
+        return out
+
+    assert asyncio.run(main()) == list(range(50))
+    # The watcher saw the starts grow in steps, never all 50 in one turn.
+    seen = sorted(set(turns))
+    assert any(0 < n < 50 for n in seen)
+    assert max(b - a for a, b in itertools.pairwise(seen)) <= 10
