@@ -29,6 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from passguard import config as config_mod
 from passguard.config import Config
 from passguard.errors import ConfigError, PassguardError
+from passguard.foreground import Foreground
 from passguard.gate import service
 from passguard.heap import Freezer
 from passguard.metrics import Metrics
@@ -86,8 +87,10 @@ class Daemon:
         self.store = Store(config.window, config.stale_after, self.db)
         self.scraper = Scraper(config)
         self.sources = SourceSet(config)
+        self.foreground = Foreground()  # requests in flight, for bulk work to give way
         self.metrics = Metrics(lambda: self.store.snapshot,
-                               lambda: [*self.sources.sources, *self.sources.prometheus])
+                               lambda: [*self.sources.sources, *self.sources.prometheus],
+                               self.foreground.give_way)
         # Each dataplane's /metrics lines are written as its evidence is.
         self.store.on_evidence = self.metrics.snapshot.lines.warm
         self.shadows = open_shadows(config.state_path, self.db, self.audit)
@@ -194,9 +197,8 @@ class Daemon:
                 self.metrics.persist_failures.inc()
                 log.error("could not write destinations to %s: %s", self.config.state_path, exc)
             await self._evaluate_shadows(now)
-            await self.store.publish(replace(self.store.snapshot,
-                                             destinations=self.store.views(now)),
-                                     self._prepare)
+            await self.store.publish(self.store.snapshot.with_destinations(
+                self.store.views(now)), self._prepare)
 
     async def _evaluate_shadows(self, now: float) -> None:
         """After the destinations are written (a crash in between evaluates
@@ -209,7 +211,7 @@ class Daemon:
             log.error("could not evaluate shadows into %s: %s", self.config.state_path, exc)
 
     async def _prepare(self, snap: Snapshot) -> None:
-        await service.prepare_in_worker(snap, self.sources.mesh_states())
+        await service.prepare_all(snap, self.sources.mesh_states(), self.foreground.give_way)
 
     def mesh_states(self) -> dict[str, MeshState]:
         """The control planes' current policy sets, per mesh (the gate's "before")."""
@@ -246,11 +248,9 @@ class Daemon:
                 self._job(src.discover, src.cfg.discovery_interval, f"discovery-{i}")
 
     def own_the_process(self) -> None:
-        """What `passguard run` (and the benchmark's driver) set once started;
-        not in start(): tests run many daemons per process. What is alive now
-        lives as long as the process: frozen, it is left out of the
-        collector's full passes, which otherwise hold the GIL for 20-30 ms
-        while gate requests wait (passguard.heap keeps it so after each cycle)."""
+        """What `passguard run` and the benchmark's driver set once started (not
+        start(): tests run many daemons per process): the heap frozen out of
+        the collector's 20-30 ms full passes (passguard.heap), the GIL interval."""
         gc.collect()  # first, so no garbage is frozen
         gc.freeze()
         self.heap.enabled = True

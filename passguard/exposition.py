@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -294,20 +294,28 @@ def render(snap: Snapshot, fmt: Format, lines: Lines | None = None) -> bytes:
     return b"".join(b for part in (lines or Lines()).parts(snap, fmt) for b in part)
 
 
-async def render_async(snap: Snapshot, fmt: Format, lines: Lines | None = None) -> bytes:
-    """The same bytes, a turn of the loop between pieces."""
+async def _turn() -> None:
+    await asyncio.sleep(0)
+
+
+async def render_async(snap: Snapshot, fmt: Format, lines: Lines | None = None,
+                       pause: Callable[[], Awaitable[None]] = _turn) -> bytes:
+    """The same bytes, ``pause()`` between pieces (the daemon's gives way to
+    the gate: passguard.foreground)."""
     chunks: list[bytes] = []
     for part in (lines or Lines()).parts(snap, fmt):
         chunks.extend(part)
-        await asyncio.sleep(0)
+        await pause()
     return b"".join(chunks)
 
 
 class SnapshotExposition:
     """Renders each snapshot once per format; concurrent scrapes share the work."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot],
+                 pause: Callable[[], Awaitable[None]] = _turn) -> None:
         self._snapshot = snapshot
+        self._pause = pause
         self.lines = Lines()
         self._cache: dict[Format, tuple[Snapshot, asyncio.Future[bytes]]] = {}
 
@@ -315,7 +323,7 @@ class SnapshotExposition:
         snap = self._snapshot()
         cached = self._cache.get(fmt)
         if cached is None or cached[0] is not snap:
-            cached = (snap, asyncio.ensure_future(render_async(snap, fmt, self.lines)))
+            cached = (snap, asyncio.ensure_future(render_async(snap, fmt, self.lines, self._pause)))
             self._cache[fmt] = cached
         # Shielded: a scraper that hangs up must not cancel the render the
         # others (and the next scrape) wait for.

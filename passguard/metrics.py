@@ -9,7 +9,7 @@ sources' last-pass attributes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -71,8 +71,9 @@ class Metrics:
     """The daemon's own registry (never the global one: tests run several daemons)."""
 
     def __init__(self, snapshot: Callable[[], Snapshot],
-                 sources: Callable[[], Sequence[object]] = list) -> None:
-        self.snapshot = SnapshotExposition(snapshot)
+                 sources: Callable[[], Sequence[object]] = list,
+                 pause: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.snapshot = SnapshotExposition(snapshot, *(() if pause is None else (pause,)))
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DiscoveryCollector(sources))
         self.decisions = Counter("passguard_gate_decisions", "Gate decisions",

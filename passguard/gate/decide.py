@@ -73,9 +73,10 @@ class Decision:
     break_glass: str | None = None
     digest: str = ""
     dataplanes: list[dict[str, Any]] | None = None
-    #: ``evidence`` as JSON, encoded once per judgement (shared by the
-    #: requests that ask the same question of the same snapshot).
+    #: ``evidence`` and ``dataplanes`` as JSON, encoded once per judgement
+    #: (shared by the requests that ask the same question of the same snapshot).
     evidence_json: str | None = None
+    dataplanes_json: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -110,6 +111,10 @@ class Judgement:
     @cached_property
     def evidence_json(self) -> str:
         return json.dumps(self.evidence)
+
+    @cached_property
+    def dataplanes_json(self) -> str:
+        return json.dumps(self.dataplanes)
 
 
 # --------------------------------------------------------------------------- judging
@@ -358,7 +363,8 @@ def verdict_of(j: Judgement, ch: Change, policy: GatePolicy) -> Decision:
     r = ch.resource
     dec = Decision(mesh=r.mesh, kind=r.kind, name=r.name, effect=j.effect, verdict="allow",
                    mode=policy.mode, reasons=list(j.reasons), evidence=j.evidence,
-                   digest=r.digest, dataplanes=j.dataplanes, evidence_json=j.evidence_json)
+                   digest=r.digest, dataplanes=j.dataplanes, evidence_json=j.evidence_json,
+                   dataplanes_json=j.dataplanes_json)
     dec.warnings.extend(f"{r.kind} {r.name}: {w}" for w in j.warnings)
     base: Verdict = {
         "traffic": "deny", "conflict": "deny", "clear": "allow",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,20 +57,24 @@ def prepare(snapshot: Snapshot, mesh: str, states: States | None = None) -> None
     it, all within a few milliseconds of each other, and the requests
     behind them waited."""
     for j in judge_mesh([mesh_off(mesh)], evidence_of(snapshot, mesh, states), snapshot.memo):
-        _ = j.evidence_json
+        _ = j.evidence_json, j.dataplanes_json
 
 
-async def prepare_in_worker(snapshot: Snapshot, states: States | None = None) -> None:
-    """``prepare`` for every mesh of an unpublished snapshot, in the gate's
-    worker thread: a mesh of 10,000 dataplanes takes ~100 ms, which on the
-    event loop every request would wait behind (the loop takes the GIL back
-    every switch interval). Nothing else reads the snapshot meanwhile."""
-    await asyncio.get_running_loop().run_in_executor(_WORKER, _prepare_all, snapshot, states)
-
-
-def _prepare_all(snapshot: Snapshot, states: States | None) -> None:
+async def prepare_all(snapshot: Snapshot, states: States | None,
+                      pause: Callable[[], Awaitable[None]]) -> None:
+    """``prepare`` for every mesh of an unpublished snapshot (nothing else
+    reads it meanwhile), ``pause()`` between meshes: the daemon's gives way to
+    the gate's requests. A mesh too large for one piece on the event loop
+    (above THREAD_COST: ~100 ms at 10,000 dataplanes) is prepared in the
+    gate's worker thread, which the loop takes the GIL back from every
+    switch interval."""
+    loop = asyncio.get_running_loop()
     for mesh in snapshot.meshes():
-        prepare(snapshot, mesh, states)
+        await pause()
+        if len(snapshot.for_mesh(mesh)) + len(snapshot.destinations_of(mesh)) > THREAD_COST:
+            await loop.run_in_executor(_WORKER, prepare, snapshot, mesh, states)
+        else:
+            prepare(snapshot, mesh, states)
 
 
 def check(docs: list[Any], old_docs: list[Any] | None, snapshot: Snapshot,
@@ -145,18 +149,23 @@ def _with_key(encoded: str, key: str, value: str) -> str:
 
 def encode(body: dict[str, Any], decisions: Sequence[Decision]) -> str:
     """``json.dumps(body)`` for a body from :func:`check`, with each
-    decision's evidence spliced in as the text its summary encoded once per
-    snapshot. A body whose decisions do not line up with ``decisions`` (or
-    hold another evidence object) is encoded whole."""
+    decision's evidence and dataplane list spliced in as the text its summary
+    encoded once per snapshot. A body whose decisions do not line up with
+    ``decisions`` (or hold other objects) is encoded whole."""
     items = body.get("decisions")
     if not isinstance(items, list) or len(items) != len(decisions):
         return json.dumps(body)
     parts = []
     for item, d in zip(items, decisions, strict=True):
-        if d.evidence_json is None or item.get("evidence") is not d.evidence:
+        spliced = {k: text for k, obj, text in (("evidence", d.evidence, d.evidence_json),
+                                                 ("dataplanes", d.dataplanes, d.dataplanes_json))
+                   if text is not None and k in item and item[k] is obj}
+        if "evidence" not in spliced:
             parts.append(json.dumps(item))
             continue
-        rest = json.dumps({k: v for k, v in item.items() if k != "evidence"})
-        parts.append(_with_key(rest, "evidence", d.evidence_json))
+        rest = json.dumps({k: v for k, v in item.items() if k not in spliced})
+        for k, text in spliced.items():
+            rest = _with_key(rest, k, text)
+        parts.append(rest)
     head = json.dumps({k: v for k, v in body.items() if k != "decisions"})
     return _with_key(head, "decisions", "[" + ", ".join(parts) + "]")

@@ -133,6 +133,29 @@ class Snapshot:
     def destinations_of(self, mesh: str) -> tuple[DestinationView, ...]:
         return self._dests_by_mesh.get(mesh, ())
 
+    def with_destinations(self, destinations: tuple[DestinationView, ...]) -> Snapshot:
+        """This snapshot with new destination views. The evidence, and each
+        mesh's destinations that did not change, are the same tuples as here,
+        so the gate's judgements of the meshes whose destinations did not
+        change (memo entries keyed by those tuples) carry over."""
+        new = replace(self, destinations=destinations)
+        object.__setattr__(new, "_by_mesh", self._by_mesh)
+        dests = dict(new._dests_by_mesh)
+        for mesh, views in new._dests_by_mesh.items():
+            old = self._dests_by_mesh.get(mesh)
+            if old is not None and old == views:
+                dests[mesh] = old
+        object.__setattr__(new, "_dests_by_mesh", dests)
+
+        def same(key: Any) -> bool:
+            # A judgement's key names its mesh, then its tuples by identity.
+            return (isinstance(key, tuple) and len(key) > 2 and isinstance(key[0], str)
+                    and key[1] == id(self._by_mesh.get(key[0]))
+                    and key[2] == id(dests.get(key[0], ())))
+
+        new.memo.update((k, v) for k, v in self.memo.items() if same(k))
+        return new
+
     def at(self, now: float) -> Snapshot:
         """The snapshot as seen at ``now``: a dataplane whose last success is older
         than the stale threshold is stale even if the poller itself has stalled."""

@@ -22,6 +22,7 @@ from prometheus_client import Counter
 
 from passguard.audit import AuditEntry
 from passguard.config import AuthConfig, LimitsConfig, ScrapeConfig
+from passguard.foreground import Foreground
 from passguard.gate.shadow import Shadow
 from passguard.policy.model import MeshState
 from passguard.store.snapshot import Snapshot
@@ -129,6 +130,10 @@ class Backend(Protocol):
     @property
     def tokens(self) -> Tokens | None:
         """None: no tokens file, nothing is behind a token."""
+        ...
+    @property
+    def foreground(self) -> Foreground:
+        """The requests in flight, counted for the daemon's bulk work to give way."""
         ...
 
     def mesh_states(self) -> Mapping[str, MeshState]:

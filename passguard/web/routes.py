@@ -128,6 +128,23 @@ async def rate_limit_middleware(request: web.Request, handler: Any) -> web.Strea
 
 
 @web.middleware
+async def foreground_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Counts the requests being served, so that the daemon's bulk work gives
+    way to them (passguard.foreground). Not /metrics, whose render is that
+    work."""
+    if request.path == "/metrics":
+        response: web.StreamResponse = await handler(request)
+        return response
+    foreground = request.app[BACKEND].foreground
+    foreground.enter()
+    try:
+        response = await handler(request)
+        return response
+    finally:
+        foreground.leave()
+
+
+@web.middleware
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         resp: web.StreamResponse = await handler(request)
@@ -416,7 +433,7 @@ async def index(request: web.Request) -> web.Response:
 def build_app(backend: Backend) -> web.Application:
     # No client_max_size: bodies are read by _read_limited, with the limit of
     # the running config.
-    app = web.Application(middlewares=[errors_middleware,
+    app = web.Application(middlewares=[foreground_middleware, errors_middleware,
                                        auth_middleware, rate_limit_middleware])
     app[BACKEND] = backend
     app[RATE_LIMIT] = PeerRateLimit()

@@ -349,4 +349,24 @@ def test_responses_with_the_evidence_spliced_in_read_as_the_body() -> None:
             assert json.loads(service.encode(body, group[:-1])) == body
             body["decisions"][0]["evidence"] = {"replaced": True}
             assert json.loads(service.encode(body, group)) == body
+            if group[0].dataplanes is not None:
+                body["decisions"][0]["dataplanes"] = [{"replaced": True}]
+                assert json.loads(service.encode(body, group)) == body
     assert json.loads(service.encode({"allowed": True}, [])) == {"allowed": True}
+
+
+def test_the_dataplane_list_is_spliced_in_as_its_judgement_encoded_it() -> None:
+    """The per-dataplane list is encoded once per judgement, not per answer:
+    the text in the answer is the judgement's own (a stand-in shows it)."""
+    from dataclasses import replace
+
+    from passguard.gate import service
+    from passguard.gate.decide import overall
+
+    d = decide(REDUCING["mesh-off"], Evidence("default", 900.0, EVIDENCE["traffic"], ()), ENF,
+               {})
+    assert d.dataplanes and d.dataplanes_json == json.dumps(d.dataplanes)
+    marked = replace(d, dataplanes_json='["spliced"]')
+    body = overall([marked], "enforce", [])
+    assert json.loads(service.encode(body, [marked]))["decisions"][0]["dataplanes"] == [
+        "spliced"]

@@ -237,8 +237,8 @@ def test_rendered_once_per_snapshot_and_shared() -> None:
     calls = 0
     real = exposition.render_async
 
-    async def counting(snap: Snapshot, f: Format, lines: exposition.Lines | None = None
-                       ) -> bytes:
+    async def counting(snap: Snapshot, f: Format, lines: exposition.Lines | None = None,
+                       pause: object = None) -> bytes:
         nonlocal calls
         calls += 1
         return await real(snap, f, lines)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("parsers", ("passguard.envoy.clusters", "passguard.envoy.promtext", "passguard.envoy.excerpt",
                  "passguard.loader_limits", "passguard.loader_yaml", "passguard.loader",
                  "passguard.documents", "passguard.fields",
-                 "passguard.sources.settings", "passguard.secretfile",
+                 "passguard.sources.settings", "passguard.secretfile", "passguard.foreground",
                  "passguard.pacing", "passguard.heap", "passguard.logqueue",
                  "passguard.sdnotify", "passguard.sources.promql", "passguard.sources.promwire",
                  "passguard.sources.kumawire")),

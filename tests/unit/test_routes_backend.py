@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -26,6 +27,7 @@ from passguard.audit import AuditEntry, AuditLog
 from passguard.config import Config
 from passguard.envoy.names import Family
 from passguard.envoy.stats import Counters
+from passguard.foreground import Foreground
 from passguard.gate.shadow import Shadow
 from passguard.metrics import Metrics
 from passguard.policy.model import MeshState
@@ -114,6 +116,7 @@ class FakeBackend:
     metrics: Metrics
     shadows: NoShadows = field(default_factory=NoShadows)
     tokens: Tokens | None = None
+    foreground: Foreground = field(default_factory=Foreground)
     reload_error: str | None = None
     reloads: int = 0
 
@@ -382,3 +385,17 @@ async def test_status_page_renders_from_the_backend(
     assert r.status == 200 and r.content_type == "text/html"
     text = await r.text()
     assert BUSY in text and QUIET in text and "Shadow policies (0)" in text
+
+
+async def test_requests_are_counted_for_bulk_work_to_give_way(
+        client: Client, make_backend: Callable[..., FakeBackend]) -> None:
+    """Every request but /metrics is in flight in the backend's Foreground
+    while it is served (the daemon's bulk work rests meanwhile)."""
+    backend = make_backend()
+    c = await client(backend)
+    assert not backend.foreground.busy()
+    await c.get("/metrics")
+    assert backend.foreground.last == -math.inf
+    r = await c.post("/v1/check", json=mesh_off(QUIET))
+    assert r.status == 200
+    assert backend.foreground.active == 0 and backend.foreground.busy()

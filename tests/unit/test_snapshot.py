@@ -128,3 +128,32 @@ def test_cached_destination_views_are_exact_at_every_window_start(
                                                      j) for j in range(2)])])
     for start in sorted(starts):
         assert store.book.views(start) == tuple(fresh_views(store, start))
+
+
+def test_new_destinations_keep_the_judgements_of_the_meshes_they_leave_alone() -> None:
+    """A destinations pass publishes the snapshot with new views: the gate's
+    judgements of meshes whose destinations did not change carry over (their
+    tuples are the same objects), the others are judged again, and a
+    carried-over answer is the one judging afresh gives."""
+    from passguard.gate import service
+    from passguard.store.destinations import DestinationView
+    from passguard.verdicts import GateConfig
+
+    def view(mesh: str, n: int) -> DestinationView:
+        return DestinationView(mesh, "a", "s", "10.0.0.1:443", "ipv4", 1.0, 2.0, n, n, 0)
+
+    dps = (dp("a", "m", 100.0), dp("a", "n", 100.0))
+    snap = Snapshot(100.0, 900.0, 45.0, dps, ready=True,
+                    destinations=(view("m", 1), view("n", 1)))
+    for mesh in snap.meshes():
+        service.prepare(snap, mesh)
+    assert {k[0] for k in snap.memo} == {"m", "n"}
+    new = snap.with_destinations((view("m", 1), view("n", 2)))
+    assert {k[0] for k in new.memo} == {"m"}
+    assert new.for_mesh("m") is snap.for_mesh("m")
+    assert new.destinations_of("m") is snap.destinations_of("m")
+    assert new.destinations_of("n")[0].connections == 2
+    off = [{"type": "Mesh", "name": "m", "networking": {"outbound": {"passthrough": False}}}]
+    carried, _ = service.check(off, None, new, GateConfig())
+    new.memo.clear()
+    assert service.check(off, None, new, GateConfig())[0] == carried

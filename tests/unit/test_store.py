@@ -40,6 +40,10 @@ def fail_saves_while(monkeypatch: pytest.MonkeyPatch, failing: Callable[[], bool
     monkeypatch.setattr(StateDB, "save_destinations", flaky)
 
 
+async def _turn() -> None:
+    await asyncio.sleep(0)
+
+
 def two_dataplanes(tmp_path: Path) -> tuple[StateDB, Store, Target, Target]:
     db = StateDB(tmp_path / "state.db")
     store = Store(900.0, 45.0, db)
@@ -154,7 +158,7 @@ def test_a_snapshot_is_published_with_its_common_summaries_ready(tmp_path: Path)
 
     async def prepare(snap: Snapshot) -> None:
         assert store.snapshot is not snap  # not published yet
-        await service.prepare_in_worker(snap)
+        await service.prepare_all(snap, None, _turn)
         seen.append((id(snap), len(snap.memo)))
 
     async def main() -> None:
