@@ -90,7 +90,7 @@ class Daemon:
         self.foreground = Foreground()  # requests in flight, for bulk work to give way
         self.metrics = Metrics(lambda: self.store.snapshot,
                                lambda: [*self.sources.sources, *self.sources.prometheus],
-                               self.foreground.give_way)
+                               self.foreground.pace)
         # Each dataplane's /metrics lines are written as its evidence is.
         self.store.on_evidence = self.metrics.snapshot.lines.warm
         self.shadows = open_shadows(config.state_path, self.db, self.audit)
@@ -211,7 +211,7 @@ class Daemon:
             log.error("could not evaluate shadows into %s: %s", self.config.state_path, exc)
 
     async def _prepare(self, snap: Snapshot) -> None:
-        await service.prepare_all(snap, self.sources.mesh_states(), self.foreground.give_way)
+        await service.prepare_all(snap, self.sources.mesh_states(), self.foreground.pace())
 
     def mesh_states(self) -> dict[str, MeshState]:
         """The control planes' current policy sets, per mesh (the gate's "before")."""

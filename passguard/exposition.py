@@ -300,8 +300,8 @@ async def _turn() -> None:
 
 async def render_async(snap: Snapshot, fmt: Format, lines: Lines | None = None,
                        pause: Callable[[], Awaitable[None]] = _turn) -> bytes:
-    """The same bytes, ``pause()`` between pieces (the daemon's gives way to
-    the gate: passguard.foreground)."""
+    """The same bytes, ``pause()`` between pieces (the daemon's paces itself
+    against the gate: passguard.foreground)."""
     chunks: list[bytes] = []
     for part in (lines or Lines()).parts(snap, fmt):
         chunks.extend(part)
@@ -313,9 +313,9 @@ class SnapshotExposition:
     """Renders each snapshot once per format; concurrent scrapes share the work."""
 
     def __init__(self, snapshot: Callable[[], Snapshot],
-                 pause: Callable[[], Awaitable[None]] = _turn) -> None:
+                 pace: Callable[[], Callable[[], Awaitable[None]]] = lambda: _turn) -> None:
         self._snapshot = snapshot
-        self._pause = pause
+        self._pace = pace  # a pause() for each render
         self.lines = Lines()
         self._cache: dict[Format, tuple[Snapshot, asyncio.Future[bytes]]] = {}
 
@@ -323,7 +323,8 @@ class SnapshotExposition:
         snap = self._snapshot()
         cached = self._cache.get(fmt)
         if cached is None or cached[0] is not snap:
-            cached = (snap, asyncio.ensure_future(render_async(snap, fmt, self.lines, self._pause)))
+            render = render_async(snap, fmt, self.lines, self._pace())
+            cached = (snap, asyncio.ensure_future(render))
             self._cache[fmt] = cached
         # Shielded: a scraper that hangs up must not cancel the render the
         # others (and the next scrape) wait for.

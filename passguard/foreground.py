@@ -2,12 +2,12 @@
 giving way to them.
 
 asyncio has no priorities. The web layer counts the requests it is serving
-(a middleware); work that runs in pieces on the same loop, after each piece,
-rests a moment while requests are in flight (or were, LINGER_SECONDS ago)
-and takes only one turn of the loop otherwise. That keeps a piece of bulk
-work (one mesh's gate summary, a slice of a /metrics render) to at most a
-third of the loop while the gate is busy, and lets it run at full speed when
-it is idle. Owned by the daemon, found by the routes on their backend.
+(a middleware); work that runs in pieces on the same loop (one mesh's gate
+summary, a slice of a /metrics render) paces itself: after each piece it
+rests twice as long as the piece took while requests are in flight (or were,
+LINGER_SECONDS ago), so it keeps at most a third of the loop from a busy
+gate, and takes one turn of the loop otherwise, so it runs at full speed when
+the gate is idle. Owned by the daemon, found by the routes on their backend.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-#: How long bulk work rests after a piece while the gate is busy.
+#: Bulk work rests this many times as long as its piece took while the gate
+#: is busy (it keeps a third of the loop), at least REST_SECONDS, at most
+#: MAX_REST_SECONDS (a piece that long is a bug to fix, not to wait out).
+REST_FACTOR = 2.0
 REST_SECONDS = 0.002
+MAX_REST_SECONDS = 0.05
 #: A gate that served a request this recently counts as busy: between two
 #: requests at 500/s none is in flight a third of the time.
 LINGER_SECONDS = 0.05
@@ -43,10 +47,20 @@ class Foreground:
     def busy(self) -> bool:
         return self.active > 0 or self._clock() - self.last < LINGER_SECONDS
 
-    async def give_way(self) -> None:
-        """Between two pieces of bulk work: a rest while the gate is busy, a
-        turn of the loop otherwise."""
-        await asyncio.sleep(REST_SECONDS if self.busy() else 0)
+    def pace(self) -> Callable[[], Awaitable[None]]:
+        """A ``give_way()`` for one run of bulk work, to await after each of
+        its pieces: it rests REST_FACTOR times the piece's time while the gate
+        is busy, and takes one turn of the loop otherwise."""
+        since = self._clock()
+
+        async def give_way() -> None:
+            nonlocal since
+            piece = self._clock() - since
+            rest = min(MAX_REST_SECONDS, max(REST_SECONDS, REST_FACTOR * piece))
+            await asyncio.sleep(rest if self.busy() else 0)
+            since = self._clock()
+
+        return give_way
 
 
-__all__ = ["LINGER_SECONDS", "REST_SECONDS", "Foreground"]
+__all__ = ["LINGER_SECONDS", "MAX_REST_SECONDS", "REST_FACTOR", "REST_SECONDS", "Foreground"]

@@ -72,8 +72,8 @@ class Metrics:
 
     def __init__(self, snapshot: Callable[[], Snapshot],
                  sources: Callable[[], Sequence[object]] = list,
-                 pause: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.snapshot = SnapshotExposition(snapshot, *(() if pause is None else (pause,)))
+                 pace: Callable[[], Callable[[], Awaitable[None]]] | None = None) -> None:
+        self.snapshot = SnapshotExposition(snapshot, *(() if pace is None else (pace,)))
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DiscoveryCollector(sources))
         self.decisions = Counter("passguard_gate_decisions", "Gate decisions",
