@@ -348,8 +348,7 @@ class Daemon:
             old_sources = self.sources
             self.sources = SourceSet(new)
             self.sources.inherit(old_sources)
-            self.store.window = new.window
-            self.store.stale_after = new.stale_after
+            self.store.configure(new.window, new.stale_after)
             self.config = new
             # Readers see the new window and targets at once, not a cycle later
             # (READY=1 follows this, so it must describe the new config).

@@ -60,6 +60,13 @@ class Store:
         #: /metrics lines are rendered then, spread over the cycle).
         self.on_evidence: Callable[[DataplaneEvidence], None] | None = None
 
+    def configure(self, window: float, stale_after: float) -> None:
+        """A reload's window and stale threshold. Evidence computed under the
+        old ones is not assembled again: a longer window must not be judged
+        on what a shorter one counted."""
+        self.window, self.stale_after = window, stale_after
+        self._generation += 1
+
     def restore(self) -> int:
         """Load the persisted window; return how many dataplanes it held."""
         if self.db is None:

@@ -157,3 +157,23 @@ def test_new_destinations_keep_the_judgements_of_the_meshes_they_leave_alone() -
     carried, _ = service.check(off, None, new, GateConfig())
     new.memo.clear()
     assert service.check(off, None, new, GateConfig())[0] == carried
+
+
+def test_a_reload_that_widens_the_window_is_not_judged_on_the_narrower_one() -> None:
+    """Evidence recorded under a 2-minute window, then a reload to 30 minutes
+    before the assembly: the snapshot judges the wider window, whose traffic
+    the history no longer holds (pruned for the old window), so it cannot
+    vouch; the evidence recorded under the old window said "no traffic"."""
+    store = Store(120.0, 45.0)
+    target = Target("http://a", "m", "a")
+    store.set_targets([target])
+    for t, total in ((1000.0, 0), (1015.0, 9), (1600.0, 9)):
+        store.record_one(ScrapeResult(target, t, 0.01, StatsReading(5000.0 + t, {
+            "ipv4": Counters(cx_total=total)}), None))
+    recorded = store._evidence_of[target.key][1]
+    assert recorded.connections == 0 and not recorded.unknown  # 9 were 10 min ago
+    store.configure(1800.0, 45.0)
+    snap = store.build_snapshot(1601.0)
+    assert snap.window_seconds == 1800.0
+    [ev] = snap.dataplanes
+    assert ev.unknown and "pruned" in (ev.gap_reason or "")
