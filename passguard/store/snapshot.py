@@ -77,6 +77,16 @@ class DataplaneEvidence:
             return "stale"
         return self.gap_reason or "evidence does not cover the window"
 
+    def at(self, now: float, stale_after: float) -> DataplaneEvidence:
+        """This evidence as seen at ``now``: fresh turns stale once its last
+        success is older than its source's threshold (``stale_after`` when it
+        has none of its own)."""
+        limit = self.stale_after or stale_after
+        if self.state == "fresh" and (self.last_success is None
+                                      or now - self.last_success > limit):
+            return replace(self, state="stale")
+        return self
+
     def connections_in(self, families: frozenset[Family]) -> int:
         if not self._connections or families.issuperset(self.window):
             return self._connections
@@ -161,13 +171,8 @@ class Snapshot:
         than the stale threshold is stale even if the poller itself has stalled."""
         if now - self.time <= 0 or now <= self._fresh_until:
             return self  # no fresh dataplane has gone stale since: nothing to redo
-        out = []
-        for d in self.dataplanes:
-            limit = d.stale_after or self.stale_after
-            if d.state == "fresh" and (d.last_success is None or now - d.last_success > limit):
-                d = replace(d, state="stale")
-            out.append(d)
-        return replace(self, dataplanes=tuple(out))
+        return replace(self, dataplanes=tuple(d.at(now, self.stale_after)
+                                              for d in self.dataplanes))
 
 
 def mesh_summary(mesh: str, dps: tuple[DataplaneEvidence, ...]) -> dict[str, Any]:

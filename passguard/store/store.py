@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import replace
 
 from passguard.envoy.clusters import Destination as EnvoyDestination
 from passguard.scraper import ScrapeResult
@@ -94,18 +93,19 @@ class Store:
             self.histories.setdefault(key, History())
             self._removed.discard(key)
 
-    def record(self, results: Iterable[ScrapeResult]) -> list[tuple[str, History, list[Segment]]]:
+    def record(self, results: Iterable[ScrapeResult]) -> None:
         """A whole cycle's results at once (the one-shot CLI check)."""
-        updates = [u for r in results if (u := self.record_one(r)) is not None]
+        for r in results:
+            self.record_one(r)
         self.finish_cycle()
-        return updates
 
-    def record_one(self, r: ScrapeResult) -> tuple[str, History, list[Segment]] | None:
+    def record_one(self, r: ScrapeResult) -> bool:
         """One scrape result, as soon as it is in: the daemon records each when
-        its scrape ends, so a cycle's bookkeeping is spread like its scrapes."""
+        its scrape ends, so a cycle's bookkeeping is spread like its scrapes.
+        False: its target was removed while the scrape was in flight."""
         h = self.histories.get(r.target.key)
-        if h is None:  # target removed while its scrape was in flight
-            return None
+        if h is None:
+            return False
         h.last_duration = r.duration
         if r.reading is not None:
             added = h.add(r.t, r.reading, self.stale_after)
@@ -122,7 +122,7 @@ class Store:
             self._evidence_of[key] = (self._generation, ev)
             if self.on_evidence is not None:
                 self.on_evidence(ev)
-        return key, h, added
+        return True
 
     def finish_cycle(self) -> None:
         self.cycles += 1
@@ -260,10 +260,7 @@ class Store:
                 ev = self._evidence(key, target, now)
                 known[key] = (gen, ev)
             else:
-                ev = got[1]
-                if ev.state == "fresh" and (ev.last_success is None
-                                            or now - ev.last_success > self.stale_after):
-                    ev = replace(ev, state="stale")
+                ev = got[1].at(now, self.stale_after)
             out.append(ev)
         self._generation += 1
         return self._assemble(now, out, extra)

@@ -203,10 +203,10 @@ class History:
             if not seg.complete:
                 covered = False
                 reason = "the proxy restarted during a gap in scraping"
-            counts = seg.start >= window_start or (seg.end - seg.start) <= short
-            if seg.start >= window_start and (seg.end - seg.start) > short:
+            inside, long = seg.start >= window_start, seg.end - seg.start > short
+            if inside and long:
                 valid_before = min(valid_before, seg.start)
-            if counts:
+            if inside or not long:  # counted whole
                 for fam, c in seg.increase.items():
                     row = acc.get(fam)
                     if row is None:

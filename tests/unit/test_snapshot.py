@@ -56,7 +56,7 @@ def test_evidence_is_computed_as_results_arrive_and_only_assembled_at_the_end() 
             if i == 3 and k == 1:
                 continue  # no result for dp3 in the second cycle
             assert store.record_one(ScrapeResult(t, t0, 0.01, None if error else reading,
-                                                 error)) is not None
+                                                 error))
         store.finish_cycle()
         snap = store.build_snapshot(t0 + 5)
     assert len(seen) == 19
