@@ -43,40 +43,7 @@ from passguard.documents import parse_resource
 from passguard.durations import format_duration
 from passguard.errors import ConfigError, InputError, PassguardError
 from passguard.gate import service
-from passguard.logqueue import JsonFormatter
-
-
-class JournalFormatter(logging.Formatter):
-    """Under systemd (``$JOURNAL_STREAM``): a ``<N>`` syslog priority prefix so
-    ``journalctl -p warning`` works, and no timestamp (the journal has one)."""
-
-    @staticmethod
-    def priority(record: logging.LogRecord) -> int:
-        return 3 if record.levelno >= logging.ERROR else 4 if record.levelno >= logging.WARNING \
-            else 6 if record.levelno >= logging.INFO else 7
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{self.priority(record)}>{record.name}: {super().format(record)}"
-
-
-def _journal_prefix(record: logging.LogRecord) -> str:
-    return f"<{JournalFormatter.priority(record)}>"
-
-
-def _log_format(name: str) -> None:
-    """The root handlers' lines: text or one JSON object each; under systemd
-    with the ``<N>`` priority prefix journald strips (the message is then
-    the bare JSON object)."""
-    journal = bool(os.environ.get("JOURNAL_STREAM"))
-    formatter: logging.Formatter
-    if name == "json":
-        formatter = JsonFormatter(_journal_prefix if journal else None)
-    elif journal:
-        formatter = JournalFormatter()
-    else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(formatter)
+from passguard.logqueue import use_format as _log_format
 
 
 def _pair_old(docs: list[Any], old_docs: list[Any]) -> list[Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -176,5 +177,45 @@ def log_off_the_loop(root: logging.Logger | None = None,
     return writer
 
 
-__all__ = ["JSON_EXTRAS", "LOG_FORMATS", "MAX_QUEUED", "DroppingQueueHandler", "JsonFormatter",
-           "OneLine", "Writer", "log_off_the_loop"]
+class JournalFormatter(logging.Formatter):
+    """Under systemd (``$JOURNAL_STREAM``): a ``<N>`` syslog priority prefix so
+    ``journalctl -p warning`` works, and no timestamp (the journal has one)."""
+
+    @staticmethod
+    def priority(record: logging.LogRecord) -> int:
+        return 3 if record.levelno >= logging.ERROR else 4 if record.levelno >= logging.WARNING \
+            else 6 if record.levelno >= logging.INFO else 7
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.priority(record)}>{record.name}: {super().format(record)}"
+
+
+def journal_prefix(record: logging.LogRecord) -> str:
+    return f"<{JournalFormatter.priority(record)}>"
+
+
+#: The format ``use_format`` set last: the scrape worker is started with it.
+current_format = "text"
+
+
+def use_format(name: str) -> None:
+    """The root handlers' lines: text or one JSON object each; under systemd
+    with the ``<N>`` priority prefix journald strips (the message is then
+    the bare JSON object)."""
+    global current_format
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    formatter: logging.Formatter
+    if name == "json":
+        formatter = JsonFormatter(journal_prefix if journal else None)
+    elif journal:
+        formatter = JournalFormatter()
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+    current_format = name
+
+
+__all__ = ["JSON_EXTRAS", "LOG_FORMATS", "MAX_QUEUED", "DroppingQueueHandler", "JournalFormatter",
+           "JsonFormatter", "OneLine", "Writer", "journal_prefix", "log_off_the_loop",
+           "use_format"]

@@ -169,8 +169,8 @@ def test_json_lines_are_one_object_each_with_ids_and_bounds() -> None:
 def test_the_journal_prefix_comes_before_the_json_object() -> None:
     import json
 
-    from passguard.cli import _journal_prefix
     from passguard.logqueue import JsonFormatter
+    from passguard.logqueue import journal_prefix as _journal_prefix
 
     record = logging.makeLogRecord({"name": "passguard.app", "levelno": logging.ERROR,
                                     "levelname": "ERROR", "msg": "x"})
