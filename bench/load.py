@@ -135,6 +135,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def worker_pid(pid: int) -> int | None:
+    """passguard's scrape worker (``scrape.worker``), a child of the daemon."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                if b"passguard.scrape_worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+    return None
+
+
 def machine_cpu() -> tuple[int, int, int]:
     """Jiffies of the whole machine from /proc/stat: (busy, steal, total). Steal is
     time the hypervisor gave our virtual CPUs to someone else: a run with steal
@@ -324,7 +334,11 @@ async def sampler(url: str, pid: int, metrics_every: float, stop: asyncio.Event,
     next_metrics = time.monotonic() + metrics_every
     while not stop.is_set():
         with contextlib.suppress(OSError):
-            seen.rss_mb.append(memory_mb(pid).get("VmRSS", float("nan")))
+            rss = memory_mb(pid).get("VmRSS", float("nan"))
+            worker = worker_pid(pid)
+            if worker is not None:
+                rss += memory_mb(worker).get("VmRSS", float("nan"))
+            seen.rss_mb.append(rss)  # the daemon and its scrape worker
         if metrics_every > 0 and time.monotonic() >= next_metrics:
             next_metrics += metrics_every
             await read_metrics(url, seen)
@@ -556,6 +570,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 seen = Observed(since=time.time())
                 stop = asyncio.Event()
                 pids = {"passguard": setup.passguard.pid, "fleet": setup.fleet.pid}
+                # passguard's CPU is its daemon's and its scrape worker's together.
+                worker = worker_pid(setup.passguard.pid)
+                if worker is not None:
+                    pids["scrape_worker"] = worker
                 cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 client0, wall0 = time.process_time(), time.monotonic()
                 machine0 = machine_cpu()
@@ -574,7 +592,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await sampling
                 await read_metrics(setup.url, seen)  # cycles that ended meanwhile
                 wall = time.monotonic() - wall0
-                cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+                try:
+                    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+                except OSError:
+                    raise RuntimeError("passguard's scrape worker was replaced during the "
+                                       "run: its CPU cannot be counted") from None
+                split = {"passguard_main_cpu_percent": round(100 * cpu["passguard"] / wall, 1),
+                         "scrape_worker_cpu_percent": round(
+                             100 * cpu.get("scrape_worker", 0.0) / wall, 1)}
+                cpu["passguard"] += cpu.pop("scrape_worker", 0.0)
                 cpu["client"] = time.process_time() - client0
                 machine1 = machine_cpu()
                 result = summarize(rate, args.duration, samples, late, seen, cpu, wall,
@@ -584,8 +610,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 # Other work on the machine skews every figure: say how busy it was.
                 result["loadavg_1m"] = round(os.getloadavg()[0], 2)
                 result.update(machine_share(machine0, machine1, cpu, wall))
-                result["passguard_rss_hwm_mb"] = round(
-                    memory_mb(setup.passguard.pid).get("VmHWM", float("nan")), 1)
+                result.update(split)
+                hwm = memory_mb(setup.passguard.pid).get("VmHWM", float("nan"))
+                if worker is not None:
+                    hwm += memory_mb(worker).get("VmHWM", float("nan"))
+                result["passguard_rss_hwm_mb"] = round(hwm, 1)  # both processes' peaks
                 runs.append(result)
                 print(_line(result), file=sys.stderr, flush=True)
                 if k + 1 < len(rates):
@@ -644,7 +673,9 @@ def _line(r: dict[str, Any]) -> str:
             f"(service p99 {r['service_p99_ms']} ms, {r['late_starts']} late starts); "
             f"scrape cycle max {r['max_scrape_cycle_seconds']} s over "
             f"{r['scrape_cycles_seen']} cycles, max gap {r['max_cycle_gap_seconds']} s; "
-            f"CPU passguard {r['passguard_cpu_percent']}% fleet {r['fleet_cpu_percent']}% "
+            f"CPU passguard {r['passguard_cpu_percent']}% (daemon "
+            f"{r.get('passguard_main_cpu_percent')}%, scrape worker "
+            f"{r.get('scrape_worker_cpu_percent')}%) fleet {r['fleet_cpu_percent']}% "
             f"client {r['client_cpu_percent']}% other {r.get('other_cpu_percent')}% "
             f"steal {r.get('steal_cpu_percent')}%; RSS passguard {r['passguard_rss_max_mb']} MiB")
 

@@ -102,6 +102,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its children: the driver and its scrape worker
+    (``scrape.worker``), whose CPU and memory are passguard's too."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def cpu_by_pid(pid: int) -> dict[int, float]:
+    return {p: cpu_seconds(p) for p in family(pid)}
+
+
+def cpu_since(before: dict[int, float], pid: int) -> float:
+    """CPU of ``pid``'s family since ``before``: a worker started meanwhile
+    counts whole, one gone meanwhile counts nothing further."""
+    return sum(c - before.get(p, 0.0) for p, c in cpu_by_pid(pid).items())
+
+
+def peak_rss(pid: int) -> int:
+    return sum(status_bytes(p, "VmHWM") for p in family(pid))
+
+
 def status_bytes(pid: int, key: str) -> int:
     """A ``kB`` line of ``/proc/<pid>/status`` (``VmHWM``: peak RSS), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -209,6 +232,7 @@ async def driver(config_path: Path) -> int:
 
     from passguard import config as config_mod
     from passguard.app import Daemon
+    from passguard.scrape_process import ProcessScraper
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     daemon = Daemon(config_mod.load(config_path), config_path)
@@ -239,7 +263,11 @@ async def driver(config_path: Path) -> int:
                 # Drop the pooled keep-alive connections: every target is
                 # connected anew, as when targets are distinct hosts whose
                 # idle connections expired between two scheduled cycles.
-                await daemon.scraper.client.close()
+                # With a scrape worker, a new one (its start is in this cycle's CPU).
+                if isinstance(daemon.scraper, ProcessScraper):
+                    await daemon.scraper.close()
+                else:
+                    await daemon.scraper.client.close()
             unspread = daemon.config
             if line == "spread-cycle":
                 # scrape.spread as in production (auto), for this cycle only.
@@ -458,10 +486,10 @@ async def measure_passguard(tmp: Path, opts: Options, n: int, fleet: Child, flee
         port = int(ready["port"])
 
         async def cycle(command: str = "cycle") -> dict[str, Any]:
-            c0, f0 = cpu_seconds(drv.pid), cpu_seconds(fleet.pid)
+            c0, f0 = cpu_by_pid(drv.pid), cpu_seconds(fleet.pid)
             await drv.send(command)
             out: dict[str, Any] = json.loads(await drv.readline(600))
-            out["cpu"] = cpu_seconds(drv.pid) - c0
+            out["cpu"] = cpu_since(c0, drv.pid)
             out["fleet_cpu"] = cpu_seconds(fleet.pid) - f0
             if out.get("event") != "cycle":
                 raise BenchError(f"driver: {out}")
@@ -496,20 +524,20 @@ async def measure_passguard(tmp: Path, opts: Options, n: int, fleet: Child, flee
         log(f"[{n}] cycle on new connections: {cold['seconds']:.2f}s, CPU {cold['cpu']:.2f}s")
         row["cold_cycle_seconds"] = cold["seconds"]
         row["cold_cpu_seconds_per_cycle"] = cold["cpu"]
-        row["cycle_rss_bytes"] = status_bytes(drv.pid, "VmHWM")
+        row["cycle_rss_bytes"] = peak_rss(drv.pid)
 
         url = f"http://127.0.0.1:{port}/v1/check"
         connector = aiohttp.TCPConnector(limit=opts.gate_clients)
         async with aiohttp.ClientSession(connector=connector) as session:
             # Idle daemon: only the gate runs.
             await gate_load(session, url, 1, _after(0.5), opts.meshes)  # warm-up
-            c0, t0 = cpu_seconds(drv.pid), time.monotonic()
+            c0, t0 = cpu_by_pid(drv.pid), time.monotonic()
             lat = await gate_load(session, url, opts.gate_clients, _after(opts.gate_seconds),
                                   opts.meshes)
             wall = time.monotonic() - t0
             row["gate_requests"] = len(lat)
             row["gate_rps"] = len(lat) / wall
-            row["gate_cpu_ms_per_check"] = 1000 * (cpu_seconds(drv.pid) - c0) / len(lat)
+            row["gate_cpu_ms_per_check"] = 1000 * cpu_since(c0, drv.pid) / len(lat)
             row["gate_p50_ms"] = 1000 * percentile(lat, 50)
             row["gate_p99_ms"] = 1000 * percentile(lat, 99)
             log(f"[{n}] gate, idle daemon: p50 {row['gate_p50_ms']:.1f} ms, p99 "
@@ -534,7 +562,7 @@ async def measure_passguard(tmp: Path, opts: Options, n: int, fleet: Child, flee
                     f"cycle ({opts.gate_busy_clients} client): {len(busy)} checks, p99 "
                     f"{row.get(f'gate_{prefix}_p99_ms', 0):.0f} ms; the cycle took "
                     f"{done.get('seconds', 0):.2f}s, {done.get('failed')} targets failed")
-        row["peak_rss_bytes"] = status_bytes(drv.pid, "VmHWM")
+        row["peak_rss_bytes"] = peak_rss(drv.pid)
         await drv.send("stop")
         if drv.proc is not None:
             with contextlib.suppress(TimeoutError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import ipaddress
 import logging
 import signal
@@ -35,7 +34,8 @@ from passguard.heap import Freezer
 from passguard.metrics import Metrics
 from passguard.pacing import AUTO_CLUSTERS_RATE, AUTO_SCRAPE_RATE, spread_for
 from passguard.policy.model import MeshState
-from passguard.scraper import ClustersRead, Scraper
+from passguard.scrape_process import scraper_for
+from passguard.scraper import ClustersRead
 from passguard.sdnotify import Notifier
 from passguard.sources.sourceset import SourceSet
 from passguard.startup import fd_budget_warning, now_for_scheduler, open_shadows, open_state
@@ -85,12 +85,12 @@ class Daemon:
         self._file_listen = config.listen
         self._reloads: set[asyncio.Future[str | None]] = set()
         self.store = Store(config.window, config.stale_after, self.db)
-        self.scraper = Scraper(config)
         self.sources = SourceSet(config)
         self.foreground = Foreground()  # requests in flight, for bulk work to give way
         self.metrics = Metrics(lambda: self.store.snapshot,
                                lambda: [*self.sources.sources, *self.sources.prometheus],
                                self.foreground.pace)
+        self.scraper = scraper_for(config, self.metrics.worker_exits.inc)
         # Each dataplane's /metrics lines are written as its evidence is.
         self.store.on_evidence = self.metrics.snapshot.lines.warm
         self.shadows = open_shadows(config.state_path, self.db, self.audit)
@@ -249,11 +249,10 @@ class Daemon:
 
     def own_the_process(self) -> None:
         """What `passguard run` and the benchmark's driver set once started (not
-        start(): tests run many daemons per process): the heap frozen out of
-        the collector's 20-30 ms full passes (passguard.heap), the GIL interval."""
-        gc.collect()  # first, so no garbage is frozen
-        gc.freeze()
-        self.heap.enabled = True
+        start(): tests run many daemons per process): the heap frozen and the
+        collector's full passes left to the hourly thaw (passguard.heap), the
+        GIL interval."""
+        self.heap.take_over()
         sys.setswitchinterval(SWITCH_INTERVAL)
 
     async def _tls_reload(self) -> None:
@@ -344,7 +343,7 @@ class Daemon:
         async with self._cycle_lock:
             if (new.scrape, new.passthrough_clusters) != (old.scrape, old.passthrough_clusters):
                 await self.scraper.close()
-                self.scraper = Scraper(new)
+                self.scraper = scraper_for(new, self.metrics.worker_exits.inc)
             old_sources = self.sources
             self.sources = SourceSet(new)
             self.sources.inherit(old_sources)

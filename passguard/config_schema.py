@@ -59,6 +59,7 @@ from passguard.sources.settings import (
 from passguard.verdicts import FALLBACKS, MODES, UNPROVEN, GateConfig
 
 _D = Config()
+WORKERS = ("auto", "process", "inline")
 _LIMITS = LimitsConfig()
 
 
@@ -82,6 +83,7 @@ class Scrape(Section):
     max_response_bytes: Annotated[int, size()] = ScrapeConfig.max_response_bytes
     max_buffered_bytes: Annotated[int, size()] = ScrapeConfig.max_buffered_bytes
     spread: Annotated[float | None, SPREAD] = ScrapeConfig.spread
+    worker: Annotated[str, choice(WORKERS)] = ScrapeConfig.worker
 
     @model_validator(mode="after")
     def _fits(self) -> Scrape:

@@ -51,6 +51,10 @@ class ScrapeConfig:
     max_buffered_bytes: int = 256 * 1024 * 1024
     # Seconds over which a cycle's scrapes start; None = auto (passguard.pacing).
     spread: float | None = None
+    # Where the admin APIs are read: "process", a worker process of its own
+    # (passguard/scrape_process.py); "inline", the daemon's event loop;
+    # "auto", the worker from AUTO_WORKER_TARGETS targets in a pass.
+    worker: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,10 @@ class Metrics:
                                         "to the state database", registry=self.registry)
         # process_* (CPU, memory, open files) of passguard itself.
         ProcessCollector(registry=self.registry)
+        self.worker_exits = Counter(
+            "passguard_scrape_worker_exits",
+            "Times the scrape worker process exited or stopped answering and was "
+            "replaced (scrape.worker: process)", registry=self.registry)
         self.audit_failures = Counter("passguard_audit_write_failures",
                                       "Decisions whose audit entry could not be written",
                                       registry=self.registry)

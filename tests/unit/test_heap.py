@@ -48,3 +48,21 @@ def test_frozen_objects_are_still_freed_by_reference_counting() -> None:
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+def test_taking_over_freezes_and_leaves_full_passes_to_the_thaw(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After ``take_over`` the collector still runs its young generations
+    but never a full pass by itself (the hourly thaw does it)."""
+    before = gc.get_threshold()
+    calls: list[str] = []
+    monkeypatch.setattr(heap.gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(heap.gc, "collect", lambda: calls.append("collect") or 0)
+    f = Freezer()
+    try:
+        f.take_over()
+        young, middle, full = gc.get_threshold()
+        assert (young, middle) == before[:2] and full == heap.NO_FULL_PASSES
+        assert calls == ["collect", "freeze"] and f.enabled
+    finally:
+        gc.set_threshold(*before)

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                  "passguard.loader_limits", "passguard.loader_yaml", "passguard.loader",
                  "passguard.documents", "passguard.fields",
                  "passguard.sources.settings", "passguard.secretfile", "passguard.foreground",
-                 "passguard.pacing", "passguard.heap", "passguard.logqueue",
+                 "passguard.pacing", "passguard.heap", "passguard.logqueue", "passguard.frames",
                  "passguard.sdnotify", "passguard.sources.promql", "passguard.sources.promwire",
                  "passguard.sources.kumawire")),
     ("evidence", ("passguard.store.window", "passguard.store.destinations",
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "passguard.config_errors", "passguard.config_schema", "passguard.config")),
     ("clients", ("passguard.httpclient", "passguard.envoy.admin", "passguard.envoy.http1",
                  "passguard.envoy.lean")),
-    ("sources", ("passguard.sources.*", "passguard.scraper")),
+    ("sources", ("passguard.sources.*", "passguard.scraper", "passguard.scrape_process")),
     ("store", ("passguard.store.store", "passguard.store.persistence",
                "passguard.store.shadows", "passguard.audit")),
     ("gate", ("passguard.gate.*", "passguard.verify", "passguard.shadows")),
@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("passguard.startup", "passguard.app", "passguard.demo.*")),
     ("cli", ("passguard.cli_common", "passguard.cli_init", "passguard.cli_progress",
              "passguard.cli_shadow", "passguard.cli_verify", "passguard.cli_ops",
-             "passguard.cli", "passguard.__main__", "passguard")),
+             "passguard.cli", "passguard.__main__", "passguard.scrape_worker", "passguard")),
 ]
 #: What the pure parts may not import, even indirectly through passguard.
 PURE = ("passguard.gate.decide", "passguard.gate.plan", "passguard.gate.shadow",
