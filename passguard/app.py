@@ -147,7 +147,9 @@ class Daemon:
                 self.metrics.persist_failures.inc()
                 log.error("could not write state to %s: %s", self.config.state_path, exc)
             # Evidence was computed as results came in: this only assembles it.
-            await self.store.publish(self.store.assemble(now, extra), self._prepare)
+            await self.store.publish(
+                await self.store.assemble_paced(now, extra, self.foreground.pace()),
+                self._prepare)
             self.heap.after_cycle()
             self.metrics.cycle_seconds.set(time.monotonic() - start)
             failed = sum(1 for r in results if r.error)
@@ -211,7 +213,9 @@ class Daemon:
             log.error("could not evaluate shadows into %s: %s", self.config.state_path, exc)
 
     async def _prepare(self, snap: Snapshot) -> None:
-        await service.prepare_all(snap, self.sources.mesh_states(), self.foreground.pace())
+        # The snapshot being replaced says what the gate is being asked.
+        await service.prepare_all(snap, self.sources.mesh_states(), self.foreground.pace(),
+                                  self.store.snapshot)
 
     def mesh_states(self) -> dict[str, MeshState]:
         """The control planes' current policy sets, per mesh (the gate's "before")."""

@@ -17,6 +17,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -272,12 +273,17 @@ class Lines:
                 del cache[key]
         for i, fam in enumerate(SECTIONS):
             yield [fmt.header(fam).encode(), *(r[i] for r in rows)]
-        yield [_summaries(snap, fmt).encode()]
+        # A mesh's summary per piece: all of them at once (10,000 dataplanes in
+        # 20 meshes) was the longest stretch of a render, ~30 ms.
+        summaries = []
+        for m in snap.meshes():
+            summaries.append((_value(m), mesh_summary(m, snap.for_mesh(m))))
+            yield []
+        yield [_summaries(summaries, fmt).encode()]
 
 
-def _summaries(snap: Snapshot, fmt: Format) -> str:
+def _summaries(summaries: list[tuple[str, dict[str, Any]]], fmt: Format) -> str:
     mesh_l, state_l = fmt.label("mesh"), fmt.label("state")
-    summaries = [(_value(m), mesh_summary(m, snap.for_mesh(m))) for m in snap.meshes()]
     out = [fmt.header(WINDOW)]
     name = fmt.sample_name(WINDOW)
     out.extend(f'{name}{{{mesh_l}="{m}"}} {_num(s["connections"])}\n' for m, s in summaries)

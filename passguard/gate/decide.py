@@ -308,8 +308,19 @@ def judge_mesh(changes: Sequence[Change], ev: Evidence,
     if memo is not None and len(memo) < MEMO_ENTRIES:
         # The entry holds the tuples its key names by identity: while it lives,
         # no other tuple can take their ids.
-        memo[key] = (result, ev.dataplanes, ev.destinations, ev.state)
+        memo[key] = (result, ev.dataplanes, ev.destinations, ev.state, tuple(changes))
     return result
+
+
+def asked(memo: dict[Any, Any]) -> dict[str, list[tuple[Change, ...]]]:
+    """The change lists judged in ``memo``, per mesh, in the order first
+    asked (a snapshot's memo: what its readers asked about)."""
+    out: dict[str, list[tuple[Change, ...]]] = {}
+    for key, entry in list(memo.items()):
+        if isinstance(key, tuple) and key and isinstance(key[0], str) \
+                and isinstance(entry, tuple) and len(entry) > 4:
+            out.setdefault(key[0], []).append(entry[4])
+    return out
 
 
 def _judge_mesh(changes: Sequence[Change], ev: Evidence) -> list[Judgement]:

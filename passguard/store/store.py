@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from passguard.envoy.clusters import Destination as EnvoyDestination
 from passguard.scraper import ScrapeResult
@@ -26,6 +26,8 @@ from passguard.store.window import History, Segment
 from passguard.targets import Target
 
 log = logging.getLogger(__name__)
+#: Dataplanes assembled per piece of a paced assembly.
+ASSEMBLE_SLICE = 1000
 
 
 class Store:
@@ -248,10 +250,27 @@ class Store:
         """The snapshot at ``now``, from the evidence computed as results were
         recorded in this cycle; only dataplanes without such evidence (new,
         changed target, no result since the last assembly) are computed here."""
-        out = []
+        out: list[DataplaneEvidence] = []
+        for _ in self._gather(now, out):
+            pass
+        return self._assemble(now, out, extra)
+
+    async def assemble_paced(self, now: float, extra: Iterable[DataplaneEvidence] | None,
+                             pause: Callable[[], Awaitable[None]]) -> Snapshot:
+        """``assemble``, ``pause()`` every ASSEMBLE_SLICE dataplanes (10,000 at
+        once held the loop 24-29 ms). Only this cycle records evidence, and it
+        has ended: nothing the slices read changes between them."""
+        out: list[DataplaneEvidence] = []
+        for _ in self._gather(now, out):
+            await pause()
+        return self._assemble(now, out, extra)
+
+    def _gather(self, now: float, out: list[DataplaneEvidence]) -> Iterator[None]:
         known = self._evidence_of
         gen = self._generation
-        for key, target in self.targets.items():
+        for n, (key, target) in enumerate(self.targets.items()):
+            if n and not n % ASSEMBLE_SLICE:
+                yield
             got = known.get(key)
             # Identity first: the target recorded is the one listed (a Target
             # compares its tags dict field by field, 20 ms over 10,000).
@@ -263,7 +282,6 @@ class Store:
                 ev = got[1].at(now, self.stale_after)
             out.append(ev)
         self._generation += 1
-        return self._assemble(now, out, extra)
 
     async def publish(self, snap: Snapshot,
                       prepare: Callable[[Snapshot], Awaitable[None]] | None = None) -> Snapshot:

@@ -221,3 +221,70 @@ def test_segments_of_a_failed_write_reach_the_disk_with_the_next_one(
         assert h.last is not None and h.last.t == 1030.0
     assert restored.db is not None
     restored.db.close()
+
+
+def test_the_questions_a_snapshot_was_asked_are_ready_in_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the gate was asked about the published snapshot is judged for the
+    next one before it is published (from its own evidence: the answer is
+    the one a cold memo gives), within the per-mesh and overall bounds."""
+    db, store, a, _ = two_dataplanes(tmp_path)
+    store.set_targets([a, Target("http://c", "n", "dp-c")])
+    mp_none = [{"type": "MeshPassthrough", "name": "mp", "mesh": "m",
+                "spec": {"targetRef": {"kind": "Mesh"}, "default": {"passthroughMode": "None"}}}]
+    mp_all = [{"type": "MeshPassthrough", "name": "mp", "mesh": "m",
+               "spec": {"targetRef": {"kind": "Mesh"}, "default": {"passthroughMode": "All"}}}]
+    other = [{**mp_none[0], "mesh": "n"}]
+
+    async def main() -> None:
+        first = await store.publish(store.assemble(1000.0))
+        for docs in (mp_none, mp_all, other):
+            service.check(docs, None, first, GateConfig())
+        assert len(first.memo) == 3
+
+        async def prepare(snap: Snapshot) -> None:
+            await service.prepare_all(snap, None, _turn, store.snapshot)
+
+        second = await store.publish(store.assemble(1015.0), prepare)
+        assert len(second.memo) == 2 + 3  # each mesh off, and the three asked
+        for docs in (mp_none, mp_all, other):
+            body, _ = service.check(docs, None, second, GateConfig())
+            assert len(second.memo) == 5  # all found: nothing judged on the path
+            cold = replace(second)
+            assert service.check(docs, None, cold, GateConfig())[0] == body
+        # Bounded: one per mesh now, and at most two in all.
+        monkeypatch.setattr(service, "AGAIN_PER_MESH", 1)
+        monkeypatch.setattr(service, "AGAIN_IN_ALL", 2)
+        assert {m: len(v) for m, v in service.asked_again(second).items()} == {"m": 1, "n": 1}
+        monkeypatch.setattr(service, "AGAIN_IN_ALL", 1)
+        assert sum(len(v) for v in service.asked_again(second).values()) == 1
+
+    asyncio.run(main())
+    db.close()
+
+
+def test_a_paced_assembly_is_the_assembly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """Sliced (a pause every few dataplanes) or not, the same snapshot."""
+    from passguard.store import store as store_mod
+
+    monkeypatch.setattr(store_mod, "ASSEMBLE_SLICE", 2)
+    db = StateDB(tmp_path / "state.db")
+    one, two = Store(900.0, 45.0, db), Store(900.0, 45.0, db)
+    targets = [Target(f"http://t{i}", "m", f"dp-{i}") for i in range(7)]
+    pauses = 0
+
+    async def pause() -> None:
+        nonlocal pauses
+        pauses += 1
+
+    async def main() -> None:
+        for s in (one, two):
+            s.set_targets(targets)
+        plain = one.assemble(1000.0)
+        paced = await two.assemble_paced(1000.0, None, pause)
+        assert paced.dataplanes == plain.dataplanes and paced.time == plain.time
+        assert pauses == 3  # after 2, 4 and 6 dataplanes
+
+    asyncio.run(main())
+    db.close()
