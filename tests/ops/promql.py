@@ -58,6 +58,8 @@ DESIGN_METRICS = frozenset(
         "passguard_kuma_discovery_up",
         "passguard_prometheus_source_up",
         "passguard_tls_certificate_reloads_total",
+        # Issue 16: the scrape worker process's exits.
+        "passguard_scrape_worker_exits_total",
     }
 )
 
@@ -65,7 +67,8 @@ DESIGN_METRICS = frozenset(
 PROCESS_METRICS = frozenset({"passguard_config_reloads_total", "passguard_build_info",
                              "passguard_audit_write_failures_total",
                              "passguard_kuma_discovery_up", "passguard_prometheus_source_up",
-                             "passguard_tls_certificate_reloads_total"})
+                             "passguard_tls_certificate_reloads_total",
+                             "passguard_scrape_worker_exits_total"})
 
 #: Values for Grafana's built-in variables (a 15 s scrape interval, a 1 h range).
 GRAFANA_BUILTINS: Mapping[str, str] = {

@@ -30,6 +30,7 @@ REQUIRED_ALERTS = {
     "PassguardPrometheusSourceDown",
     "PassguardConfigReloadFailed",
     "PassguardTLSCertificateReloadFailed",
+    "PassguardScrapeWorkerRestarting",
 }
 RUNBOOKS = PROMETHEUS_DIR.parent.parent / "docs" / "runbooks.md"
 SEVERITIES = {"critical", "warning", "info"}
