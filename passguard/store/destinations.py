@@ -86,13 +86,27 @@ class DestinationBook:
         # dataplane key → its views, kept until a read changes them or the
         # window start passes one of their events (_KeyViews.valid_for).
         self._views: dict[str, _KeyViews] = {}
+        # Every view of the book, while no dataplane's views were dropped: a
+        # cycle's end asks for them all (10,000 dataplanes: ~12 ms of sorting
+        # and lookups in one piece) and most cycles read no /clusters.
+        self._version = 0
+        self._all: tuple[int, float, float, tuple[DestinationView, ...]] | None = None
+
+    def add(self, key: str, address: str, d: Destination) -> None:
+        """A destination restored from the state database."""
+        self.items.setdefault(key, {})[address] = d
+        self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self._views.pop(key, None)
+        self._version += 1
 
     def update(self, key: str, mesh: str, dataplane: str, service: str, t: float,
                hosts: Mapping[str, HostReading]) -> list[Destination]:
         """Record one ``/clusters`` read of a dataplane; return what changed."""
         changed = []
         self.last_read[key] = t
-        self._views.pop(key, None)
+        self._forget(key)
         book = self.items.setdefault(key, {})
         for address, h in hosts.items():
             d = book.get(address)
@@ -124,13 +138,13 @@ class DestinationBook:
         for key in keys:
             self.items.pop(key, None)
             self.last_read.pop(key, None)
-            self._views.pop(key, None)
+            self._forget(key)
 
     def prune(self, before: float) -> None:
         for key, book in self.items.items():
             for d in book.values():
                 if d.events and d.events[0][0] < before:
-                    self._views.pop(key, None)
+                    self._forget(key)
                 while d.events and d.events[0][0] < before:
                     d.events.popleft()
 
@@ -144,10 +158,17 @@ class DestinationBook:
         address. A dataplane's views are computed once after each read of it
         (the daemon asks right after recording it, so that work is spread over
         the pass) and reused while no event of theirs leaves the window."""
+        memo = self._all
+        if memo is not None and memo[0] == self._version and memo[1] <= window_start <= memo[2]:
+            return memo[3]
         out: list[DestinationView] = []
+        until = math.inf
         for key in sorted(self.items):
             out.extend(self.views_of(key, window_start))
-        return tuple(out)
+            until = min(until, self._views[key].until)
+        views = tuple(out)
+        self._all = (self._version, window_start, until, views)
+        return views
 
     def views_of(self, key: str, window_start: float) -> tuple[DestinationView, ...]:
         cached = self._views.get(key)

@@ -182,7 +182,7 @@ class StateDB:
                 d = Destination(mesh, dp, service, address, family, first, last, conns, last_cx,
                                 last_active, deque((t, n) for t, n in json.loads(events)),
                                 tuple(r for r in routes.split("\n") if r))
-                book.items.setdefault(key, {})[address] = d
+                book.add(key, address, d)
                 n += 1
         return n
 

@@ -62,7 +62,7 @@ def test_taking_over_freezes_and_leaves_full_passes_to_the_thaw(
     try:
         f.take_over()
         young, middle, full = gc.get_threshold()
-        assert (young, middle) == before[:2] and full == heap.NO_FULL_PASSES
+        assert (young, middle, full) == (before[0], heap.MIDDLE_THRESHOLD, heap.NO_FULL_PASSES)
         assert calls == ["collect", "freeze"] and f.enabled
     finally:
         gc.set_threshold(*before)

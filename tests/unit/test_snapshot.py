@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,6 +130,42 @@ def test_cached_destination_views_are_exact_at_every_window_start(
                                                      j) for j in range(2)])])
     for start in sorted(starts):
         assert store.book.views(start) == tuple(fresh_views(store, start))
+
+
+op = st.one_of(
+    st.tuples(st.just("record"), st.integers(0, 2), st.floats(0.0, 600.0), st.integers(0, 3)),
+    st.tuples(st.just("views"), st.floats(-100.0, 700.0)),
+    st.tuples(st.just("prune"), st.floats(0.0, 600.0)),
+    st.tuples(st.just("drop"), st.integers(0, 2)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(op, max_size=30))
+def test_the_whole_book_of_views_is_exact_between_any_changes(ops: list[tuple[Any, ...]]
+                                                              ) -> None:
+    """The book's memo of every view (one cycle's end asks for them all) is
+    reused only while no dataplane's views changed and the window start stays
+    within what they hold: after any reads, prunes and removals, in any order,
+    it equals views computed afresh."""
+    store = Store(900.0, 45.0)
+    targets = [Target(f"http://{i}", "m", f"dp-{i}") for i in range(3)]
+    store.set_targets(targets)
+    totals = [0, 0, 0]
+    clock = 0.0
+    for o in ops:
+        if o[0] == "record":
+            _, i, dt, n = o
+            clock += dt / 10
+            totals[i] += n
+            store.record_destinations([(targets[i], clock, [Seen("10.0.0.1:443", "ipv4",
+                                                                 totals[i], 0)])])
+        elif o[0] == "views":
+            assert store.book.views(o[1]) == tuple(fresh_views(store, o[1]))
+        elif o[0] == "prune":
+            store.book.prune(o[1])
+        else:
+            store.book.drop([targets[o[1]].key])
+            totals[o[1]] = 0
 
 
 def test_new_destinations_keep_the_judgements_of_the_meshes_they_leave_alone() -> None:
