@@ -47,8 +47,12 @@ START_BURST = 100
 
 
 async def paced(items: Sequence[T], spread: float,
-                run: Callable[[T], Awaitable[R]]) -> list[R]:
+                run: Callable[[T], Awaitable[R]], limit: int | None = None) -> list[R]:
     """``run(item)`` for every item, started evenly over ``spread`` seconds.
+
+    With ``limit``, at most that many runs exist at once: a run due while
+    ``limit`` are running starts when one ends (the scraper passes its
+    concurrency, which its semaphore would impose anyway).
 
     Results come back in the order of ``items``. The first run that raises
     (or is cancelled) ends the pass with that error, as ``asyncio.gather``
@@ -70,9 +74,14 @@ async def paced(items: Sequence[T], spread: float,
     remaining = len(items)
     finished: asyncio.Future[None] = loop.create_future()
     tasks: list[asyncio.Future[R]] = []
+    running = 0
+    slot: asyncio.Future[None] | None = None
 
     def ended(i: int, task: asyncio.Future[R]) -> None:
-        nonlocal remaining
+        nonlocal remaining, running
+        running -= 1
+        if slot is not None and not slot.done():
+            slot.set_result(None)
         if finished.done():
             return
         if task.cancelled():
@@ -94,8 +103,15 @@ async def paced(items: Sequence[T], spread: float,
                 # Behind schedule (or no spread): starting 10,000 runs in one
                 # callback held the loop ~110 ms; a turn every START_BURST.
                 await asyncio.sleep(0)
+            while limit is not None and running >= limit and not finished.done():
+                # At most ``limit`` runs exist at once: 50,000 started at once
+                # (spread 0) waited on the scraper's semaphore as 50,000
+                # tasks, ~150 MB.
+                slot = loop.create_future()
+                await asyncio.wait((slot, finished), return_when=asyncio.FIRST_COMPLETED)
             if finished.done():
                 break  # a run failed: start no more
+            running += 1
             task = asyncio.ensure_future(run(item))
             task.add_done_callback(functools.partial(ended, i))
             tasks.append(task)

@@ -266,6 +266,9 @@ class ProcessScraper:
     async def _run(self, worker: _Worker, job: _Job, spread: float,
                    items: list[tuple[Target, Request | None]]) -> None:
         job_id = next(self._ids)
+        # Retrieved here, so a pass given up on (a stop) logs no "exception
+        # never retrieved" when its worker goes.
+        job.finished.add_done_callback(lambda f: f.cancelled() or f.exception())
         keys, updates = await _changes(worker.known, items, full=job.kind == "stats")
         # A new worker is told of every target: in slices, one per turn of the
         # loop (10,000 pickled at once held it ~35 ms).

@@ -73,6 +73,7 @@ class Scraper:
         self.params = {"filter": stats_filter(cfg.passthrough_clusters, cfg.outbound_port)}
         self.clusters = ClustersParser(cfg.passthrough_clusters)
         self.prom_parser = PromStatsParser(cfg.passthrough_clusters, cfg.outbound_port)
+        self.concurrency = cfg.scrape.concurrency
         self._slots = asyncio.Semaphore(cfg.scrape.concurrency)
         # Target key -> its last logged failure (see _note).
         self._failing: dict[str, str] = {}
@@ -165,7 +166,7 @@ class Scraper:
         keys = {t.key for t in online}
         # Targets gone from the list are forgotten, so the memory is bounded.
         self._failing = {k: v for k, v in self._failing.items() if k in keys}
-        return await paced(online, spread, one)
+        return await paced(online, spread, one, self.concurrency)
 
     async def clusters_pass(self, targets: list[Target],
                             request_for: Callable[[Target], Request | None],
@@ -191,7 +192,7 @@ class Scraper:
             return read
 
         online = [t for t in targets if not t.offline]
-        return await paced(online, spread, one)
+        return await paced(online, spread, one, self.concurrency)
 
     async def close(self) -> None:
         await self.client.close()

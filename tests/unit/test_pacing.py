@@ -143,3 +143,36 @@ def test_an_unspread_pass_starts_its_runs_a_burst_per_turn(
     seen = sorted(set(turns))
     assert any(0 < n < 50 for n in seen)
     assert max(b - a for a, b in itertools.pairwise(seen)) <= 10
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.05])
+def test_a_limit_bounds_the_runs_that_exist_at_once(spread: float) -> None:
+    """Never more than ``limit`` runs alive (each a task while it lives), every
+    item run once, results in order; a failure still ends the pass."""
+    alive = peak = 0
+
+    async def run(i: int) -> int:
+        nonlocal alive, peak
+        alive += 1
+        peak = max(peak, alive)
+        await asyncio.sleep(0.005)
+        alive -= 1
+        return i * 2
+
+    async def main() -> list[int]:
+        return await paced(list(range(200)), spread, run, limit=7)
+
+    assert asyncio.run(main()) == [i * 2 for i in range(200)]
+    assert peak == 7
+
+    async def failing(i: int) -> int:
+        await asyncio.sleep(0.001)
+        if i == 20:
+            raise ValueError("run 20 broke")
+        return i
+
+    async def fails() -> None:
+        with pytest.raises(ValueError, match="run 20 broke"):
+            await paced(list(range(200)), spread, failing, limit=5)
+
+    asyncio.run(fails())
