@@ -138,6 +138,9 @@ ALERT_UNDERLYING: dict[str, list[str]] = {
     "PassguardTLSCertificateReloadFailed": [
         "sum by (job, instance) "
         '(increase(passguard_tls_certificate_reloads_total{outcome="failure"}[15m]))'],
+    # Exported (as 0) whether or not a worker runs.
+    "PassguardScrapeWorkerRestarting": [
+        "sum by (job, instance) (increase(passguard_scrape_worker_exits_total[15m]))"],
 }
 
 
