@@ -19,6 +19,7 @@ import time
 import pytest
 
 from passguard.demo.traffic import EchoUpstream, send_traffic
+from passguard.scraper import Scraper
 from tests.e2e.conftest import EnvoyFactory
 
 from .conftest import DaemonFactory
@@ -148,7 +149,10 @@ async def test_big_answers_share_one_buffer_budget(
     targets += [target(hostile.url("endless_slow"), "f-big", f"big-{i}") for i in range(6)]
     d = await make_daemon([{"kind": "envoy", "targets": targets}],
                           scrape={"interval": "3s", "timeout": "2s",
-                                  "max_buffered_bytes": "1MiB"})
+                                  "max_buffered_bytes": "1MiB", "worker": "inline"})
+    # In the daemon's process, where the budget can be watched (a scrape
+    # worker runs the same ScrapeClient with the same budget).
+    assert isinstance(d.scraper, Scraper)
     client = d.scraper.client
     peak = 0
 
