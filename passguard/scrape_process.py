@@ -40,13 +40,20 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from passguard import frames, logqueue
 from passguard.config_types import Config
-from passguard.scraper import ClustersRead, Request, Scraper, ScrapeResult
+from passguard.scraper import (
+    ClustersRead,
+    Request,
+    Scraper,
+    ScrapeResult,
+    internal_error,
+    log_unexpected,
+)
 from passguard.targets import Target
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,7 @@ AUTO_WORKER_TARGETS = 500
 EXIT_TIMEOUT = 5.0
 
 RequestFor = Callable[[Target], Request | None]
+R = TypeVar("R")
 
 
 @dataclass
@@ -169,27 +177,12 @@ class ProcessScraper:
                     ) -> list[ScrapeResult]:
         """``Scraper.cycle``: one result per online target, in order."""
         online = [t for t in targets if not t.offline]
-        out: list[ScrapeResult | None] = [None] * len(online)
-        pos = {id(t): i for i, t in enumerate(online)}
-
-        def deliver(i: int, r: ScrapeResult) -> None:
-            out[i] = r
-            if on_result is not None:
-                on_result(r)
-
-        def from_worker(sent: list[int]) -> Callable[[int, tuple[Any, ...]], None]:
-            def on_item(j: int, item: tuple[Any, ...]) -> None:
-                _, t, duration, reading, error = item
-                deliver(sent[j], ScrapeResult(online[sent[j]], t, duration, reading, error))
-            return on_item
-
-        def failed(i: int, why: str) -> None:
-            deliver(i, ScrapeResult(online[i], time.time(), 0.0, None, why))
-
-        await self._pass("stats", online, request_for, spread, from_worker, failed,
-                         lambda ts, rf: self.inline.cycle(
-                             ts, rf, spread, lambda r: deliver(pos[id(r.target)], r)))
-        return [r for r in out if r is not None]
+        return await self._pass(
+            "stats", online, request_for, spread, on_result,
+            lambda t, item: ScrapeResult(t, item[1], item[2], item[3], item[4]),
+            lambda t, why: ScrapeResult(t, time.time(), 0.0, None, why),
+            lambda ts, rf, done: self.inline.cycle(ts, rf, spread,
+                                                   lambda r: done(r.target, r)))
 
     async def clusters_pass(self, targets: list[Target], request_for: RequestFor,
                             spread: float = 0.0,
@@ -201,40 +194,37 @@ class ProcessScraper:
         earlier can only make a dataplane look less quiet (read again), never
         quieter."""
         online = [t for t in targets if not t.offline]
-        out: list[ClustersRead | None] = [None] * len(online)
-        pos = {id(t): i for i, t in enumerate(online)}
         if on_start is not None:
             for n, t in enumerate(online):
                 if n and not n % SLICE:
                     await asyncio.sleep(0)
                 on_start(t)
-
-        def deliver(i: int, read: ClustersRead) -> None:
-            out[i] = read
-            if on_done is not None:
-                on_done(read)
-
-        def from_worker(sent: list[int]) -> Callable[[int, tuple[Any, ...]], None]:
-            def on_item(j: int, item: tuple[Any, ...]) -> None:
-                _, at, found, err = item
-                deliver(sent[j], (online[sent[j]], at, found, err))
-            return on_item
-
-        def failed(i: int, why: str) -> None:
-            deliver(i, (online[i], time.time(), None, why))
-
-        await self._pass("clusters", online, request_for, spread, from_worker, failed,
-                         lambda ts, rf: self.inline.clusters_pass(
-                             ts, rf, spread, None, lambda r: deliver(pos[id(r[0])], r)))
-        return [r for r in out if r is not None]
+        return await self._pass(
+            "clusters", online, request_for, spread, on_done,
+            lambda t, item: (t, item[1], item[2], item[3]),
+            lambda t, why: (t, time.time(), None, why),
+            lambda ts, rf, done: self.inline.clusters_pass(ts, rf, spread, None,
+                                                           lambda r: done(r[0], r)))
 
     async def _pass(self, kind: str, online: list[Target], request_for: RequestFor | None,
-                    spread: float,
-                    from_worker: Callable[[list[int]], Callable[[int, tuple[Any, ...]], None]],
-                    failed: Callable[[int, str], None],
-                    run_inline: Callable[[list[Target], RequestFor], Any]) -> None:
-        """Split the targets between the worker and the in-process scraper,
-        run both, and fail what the worker leaves unanswered."""
+                    spread: float, on_each: Callable[[R], object] | None,
+                    build: Callable[[Target, tuple[Any, ...]], R],
+                    fail: Callable[[Target, str], R],
+                    run_inline: Callable[[list[Target], RequestFor,
+                                          Callable[[Target, R], None]], Awaitable[Any]]
+                    ) -> list[R]:
+        """One result per target of ``online``, in order, each handed to
+        ``on_each`` as it comes: the targets split between the worker (its
+        items made results by ``build``) and the in-process scraper; what the
+        worker leaves unanswered fails (``fail``)."""
+        out: list[R | None] = [None] * len(online)
+        pos = {id(t): i for i, t in enumerate(online)}
+
+        def deliver(i: int, r: R) -> None:
+            out[i] = r
+            if on_each is not None:
+                on_each(r)
+
         requests = _requests(online, request_for)
         here = [i for i, r in enumerate(requests) if r is not None and r.ssl is not None]
         sent = [i for i, r in enumerate(requests) if r is None or r.ssl is None]
@@ -248,9 +238,11 @@ class ProcessScraper:
         if worker is None:  # none needed, or it could not start: all read here
             here, sent = list(range(len(online))), []
         by_target = {id(online[i]): requests[i] for i in here}
-        inline = run_inline([online[i] for i in here], lambda t: by_target[id(t)]) \
-            if here else _nothing()
-        job = _Job(kind, [online[i] for i in sent], from_worker(sent)) if sent else None
+        inline = run_inline([online[i] for i in here], lambda t: by_target[id(t)],
+                            lambda t, r: deliver(pos[id(t)], r)) if here else _nothing()
+        job = _Job(kind, [online[i] for i in sent],
+                   lambda j, item: deliver(sent[j], build(online[sent[j]], item))) \
+            if sent else None
         remote = self._run(worker, job, spread,
                            [(online[i], _portable(requests[i])) for i in sent]) \
             if worker is not None and job is not None else _nothing()
@@ -259,9 +251,10 @@ class ProcessScraper:
             why = _reason(results[1])
             for j in range(len(sent)):
                 if j not in job.answered:
-                    failed(sent[j], why)
+                    deliver(sent[j], fail(online[sent[j]], why))
         if isinstance(results[0], BaseException):
             raise results[0]
+        return [r for r in out if r is not None]
 
     async def _run(self, worker: _Worker, job: _Job, spread: float,
                    items: list[tuple[Target, Request | None]]) -> None:
@@ -367,10 +360,8 @@ def _requests(online: list[Target], request_for: RequestFor | None) -> list[Requ
         try:
             out.append(request_for(t) if request_for else None)
         except Exception as exc:
-            log.error("reading %s failed unexpectedly: %s", t.key, type(exc).__name__)
-            out.append(Request("", "", {}, "envoy", None, invalid=(
-                f"internal error while reading this target ({type(exc).__name__}; "
-                "details in the log)")))
+            log_unexpected(f"reading {t.key}", exc)
+            out.append(Request("", "", {}, "envoy", None, invalid=internal_error(exc)))
     return out
 
 

@@ -101,8 +101,8 @@ class Scraper:
                 error = str(exc)
                 self._note(target, error, exc.answer)
             except Exception as exc:  # isolation is the point
-                error = _internal(exc)
-                _log_unexpected(f"scrape of {target.key}", exc)
+                error = internal_error(exc)
+                log_unexpected(f"scrape of {target.key}", exc)
             else:
                 self._failing.pop(target.key, None)
             duration = time.monotonic() - start
@@ -140,8 +140,8 @@ class Scraper:
                               for_log(exc.answer))
                 return target, time.time(), None, str(exc)
             except Exception as exc:  # one target, never the pass
-                _log_unexpected(f"/clusters of {target.key}", exc)
-                return target, time.time(), None, _internal(exc)
+                log_unexpected(f"/clusters of {target.key}", exc)
+                return target, time.time(), None, internal_error(exc)
 
     async def cycle(self, targets: list[Target],
                     request_for: Callable[[Target], Request | None] | None = None,
@@ -155,8 +155,8 @@ class Scraper:
             try:
                 req = request_for(t) if request_for else None
             except Exception as exc:  # one target, never the cycle
-                _log_unexpected(f"reading {t.key}", exc)
-                req = Request("", "", {}, "envoy", None, invalid=_internal(exc))
+                log_unexpected(f"reading {t.key}", exc)
+                req = Request("", "", {}, "envoy", None, invalid=internal_error(exc))
             result = await self.scrape(t, req)
             if on_result is not None:
                 on_result(result)
@@ -184,8 +184,8 @@ class Scraper:
             try:
                 req = request_for(t)
             except Exception as exc:  # one target, never the pass
-                _log_unexpected(f"reading {t.key}", exc)
-                req = Request("", "", {}, "envoy", None, invalid=_internal(exc))
+                log_unexpected(f"reading {t.key}", exc)
+                req = Request("", "", {}, "envoy", None, invalid=internal_error(exc))
             read = await self.read_clusters(t, req)
             if on_done is not None:
                 on_done(read)
@@ -198,14 +198,14 @@ class Scraper:
         await self.client.close()
 
 
-def _internal(exc: BaseException) -> str:
+def internal_error(exc: BaseException) -> str:
     """The reason shown for an unexpected exception: its kind only. Its text
     may quote what the target sent (a parser's ValueError), so the details
     are in the log line that goes with it."""
     return f"internal error while reading this target ({type(exc).__name__}; details in the log)"
 
 
-def _log_unexpected(what: str, exc: BaseException) -> None:
+def log_unexpected(what: str, exc: BaseException) -> None:
     # The message escaped and cut like an answer (it may quote one); the
     # traceback, which repeats it raw, only for someone debugging.
     log.error("%s failed unexpectedly: %s", what, for_log(f"{type(exc).__name__}: {exc}"))

@@ -58,16 +58,13 @@ def evidence_of(snapshot: Snapshot, mesh: str, states: States | None = None,
                     state_stale=stale, time=snapshot.time)
 
 
-def prepare(snapshot: Snapshot, mesh: str, states: States | None = None,
-            also: Sequence[tuple[Change, ...]] = ()) -> None:
-    """Compute the common judgement of ``mesh`` (passthrough off), and those
-    of ``also``, into the snapshot's memo, with their JSON, before the
-    snapshot is published: otherwise the first request of each kind about
-    each mesh after every cycle computed it, all within a few milliseconds
-    of each other, and the requests behind them waited."""
-    ev = evidence_of(snapshot, mesh, states)
-    for changes in ((mesh_off(mesh),), *also):
-        _prepare_one(snapshot, ev, changes)
+def prepare(snapshot: Snapshot, mesh: str, states: States | None = None) -> None:
+    """Compute the common judgement of ``mesh`` (passthrough off) into the
+    snapshot's memo, with its JSON, before the snapshot is published:
+    otherwise the first request about each mesh after every cycle computed
+    it, all within a few milliseconds of each other, and the requests behind
+    them waited. ``prepare_all`` does it for every mesh, and more."""
+    _prepare_one(snapshot, evidence_of(snapshot, mesh, states), (mesh_off(mesh),))
 
 
 def _prepare_one(snapshot: Snapshot, ev: Evidence, changes: tuple[Change, ...]) -> None:
