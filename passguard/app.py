@@ -90,9 +90,10 @@ class Daemon:
         self.metrics = Metrics(lambda: self.store.snapshot,
                                lambda: [*self.sources.sources, *self.sources.prometheus],
                                self.foreground.pace)
-        self.scraper = scraper_for(config, self.metrics.worker_exits.inc)
+        self.scraper = scraper_for(config, self.metrics.worker_exits.inc, self.foreground.pace)
         # Each dataplane's /metrics lines are written as its evidence is.
         self.store.on_evidence = self.metrics.snapshot.lines.warm
+        self.store.write_pacer = self.foreground.pace_thread
         self.shadows = open_shadows(config.state_path, self.db, self.audit)
         self._stack.push_async_callback(asyncio.to_thread, self.shadows.close)
         # Closers look the methods up at stop time, not now.
@@ -120,15 +121,19 @@ class Daemon:
     def _refresh_targets(self) -> None:
         self.store.set_targets(self.sources.targets(), drop_missing=self.sources.complete())
 
+    async def _refresh_targets_paced(self) -> None:
+        """``_refresh_targets`` as pieces of one turn each (10,000: 5 ms to list, 6 to set)."""
+        await asyncio.sleep(0)
+        listed, complete = self.sources.targets(), self.sources.complete()
+        await asyncio.sleep(0)
+        self.store.set_targets(listed, drop_missing=complete)
+        await asyncio.sleep(0)
+
     async def cycle(self) -> None:
         """One scrape of every target; the snapshot is replaced when it is done."""
         async with self._cycle_lock:
             start = time.monotonic()
-            # A turn of the loop before and after the target refresh: it and
-            # the end of a pass that held the lock would otherwise run as one.
-            await asyncio.sleep(0)
-            self._refresh_targets()
-            await asyncio.sleep(0)
+            await self._refresh_targets_paced()
             targets = list(self.store.targets.values())
             scrape = self.config.scrape
             spread = spread_for(len(targets), scrape.spread, scrape.interval, scrape.timeout,
@@ -141,9 +146,7 @@ class Daemon:
             now = time.time()
             try:
                 await self.store.persist(now)
-            except Exception as exc:
-                # The evidence stays in memory and the gate keeps answering;
-                # the failure is counted and logged for the operator.
+            except Exception as exc:  # kept in memory, the gate answers; counted, logged
                 self.metrics.persist_failures.inc()
                 log.error("could not write state to %s: %s", self.config.state_path, exc)
             # Evidence was computed as results came in: this only assembles it.
@@ -167,9 +170,8 @@ class Daemon:
         """Read every target's ``/clusters``: the inventory of external destinations.
         A dataplane whose /stats show no passthrough connection since its last
         read is skipped (Store.quiet_since_clusters_read): most are idle."""
-        every = list(self.store.targets.values())
-        targets = [t for t in every if not self.store.quiet_since_clusters_read(t.key)]
-        self.metrics.clusters_skipped.set(len(every) - len(targets))
+        targets, skipped = await self.store.clusters_due(self.foreground.pace())
+        self.metrics.clusters_skipped.set(skipped)
         dests = self.config.destinations
         spread = spread_for(len(targets), dests.spread, dests.interval,
                             self.config.scrape.timeout, AUTO_CLUSTERS_RATE)
@@ -422,22 +424,19 @@ class Daemon:
         (``AuditLog.prune``), where an hour's took seconds under load."""
         if not self.stopping.is_set():
             try:
-                removed = await asyncio.to_thread(
-                    self.audit.prune, time.time() - self.config.audit.retention)
-                self.metrics.audit_pruned.labels("age").inc(removed)
-                if removed:
-                    log.info("audit: %d entries older than the retention removed", removed)
-                # Then by size, oldest first: a flood must not fill the disk
-                # within the retention (a full disk stops the audit, and the gate).
-                removed = await asyncio.to_thread(self.audit.prune_to_size,
-                                                  self.config.audit.max_bytes)
-                self.metrics.audit_pruned.labels("size").inc(removed)
-                if removed:
-                    log.warning("audit: %d oldest entries removed to stay within "
-                                "audit.max_bytes (%d bytes)", removed,
-                                self.config.audit.max_bytes)
+                aged, sized = await asyncio.to_thread(self.audit.enforce,
+                                                      self.config.audit.retention,
+                                                      self.config.audit.max_bytes)
             except Exception as exc:
                 log.error("audit retention failed: %s", exc)
+                return
+            self.metrics.audit_pruned.labels("age").inc(aged)
+            self.metrics.audit_pruned.labels("size").inc(sized)
+            if aged:
+                log.info("audit: %d entries older than the retention removed", aged)
+            if sized:
+                log.warning("audit: %d oldest entries removed to stay within "
+                            "audit.max_bytes (%d bytes)", sized, self.config.audit.max_bytes)
 
     async def stop(self) -> None:
         """Everything start (and __init__) opened, closed in the reverse order."""

@@ -410,6 +410,13 @@ class AuditLog:
             time.sleep(pause)
         return removed
 
+    def enforce(self, retention: float, max_bytes: int) -> tuple[int, int]:
+        """``audit.retention``, then ``audit.max_bytes`` (a flood must not fill
+        the disk within the retention: a full disk stops the audit, and the
+        gate): how many entries each removed. A failure raises; what was
+        removed before it is then not counted."""
+        return self.prune(time.time() - retention), self.prune_to_size(max_bytes)
+
     def close(self) -> None:
         """Finish the writes already queued, then close the database."""
         with self._state:

@@ -71,7 +71,17 @@ AUTO_WORKER_TARGETS = 500
 EXIT_TIMEOUT = 5.0
 
 RequestFor = Callable[[Target], Request | None]
+#: A ``give_way()`` per run of work in pieces (the daemon's: passguard.foreground).
+Pace = Callable[[], Callable[[], Awaitable[None]]]
 R = TypeVar("R")
+
+
+async def _turn() -> None:
+    await asyncio.sleep(0)
+
+
+def _one_turn() -> Callable[[], Awaitable[None]]:
+    return _turn
 
 
 @dataclass
@@ -94,8 +104,9 @@ class _Worker:
     """One running worker process and the reader of its messages."""
 
     def __init__(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 writer: asyncio.StreamWriter, pace: Pace) -> None:
         self.proc, self.reader, self.writer = proc, reader, writer
+        self.pace = pace
         self.jobs: dict[int, _Job] = {}
         # What the worker was told of each target: a pass sends a target and
         # its request only when they changed (10,000 pickled anew each pass
@@ -108,10 +119,14 @@ class _Worker:
         try:
             while True:
                 message = await frames.read(self.reader)
+                give_way = self.pace()
                 self._dispatch(message)
-                # Frames that arrived together are recorded one per turn of
-                # the loop: a backlog read at once held it for 40-55 ms.
-                await asyncio.sleep(0)
+                # Frames that arrived together are recorded one per piece: a
+                # backlog read at once held the loop for 40-55 ms; one per
+                # turn of the loop still left a request one turn in three
+                # (a burst of a pass's first answers: 40-60 ms of requests
+                # waiting behind frames recorded back to back).
+                await give_way()
         except asyncio.IncompleteReadError:
             self.gone = "the scrape worker exited"
         except (frames.FrameError, ConnectionError, ValueError) as exc:
@@ -156,8 +171,10 @@ class _Worker:
 class ProcessScraper:
     """``Scraper``'s passes, read by a worker process (module docstring)."""
 
-    def __init__(self, cfg: Config, on_exit: Callable[[], None] | None = None) -> None:
+    def __init__(self, cfg: Config, on_exit: Callable[[], None] | None = None,
+                 pace: Pace = _one_turn) -> None:
         self.cfg = cfg
+        self.pace = pace  # between the pieces of handing a pass over and of its answers
         self.timeout = cfg.scrape.timeout
         self.inline = Scraper(cfg)  # TLS targets, and a worker that cannot start
         self._on_exit = on_exit
@@ -195,9 +212,10 @@ class ProcessScraper:
         quieter."""
         online = [t for t in targets if not t.offline]
         if on_start is not None:
+            give_way = self.pace()
             for n, t in enumerate(online):
                 if n and not n % SLICE:
-                    await asyncio.sleep(0)
+                    await give_way()
                 on_start(t)
         return await self._pass(
             "clusters", online, request_for, spread, on_done,
@@ -225,7 +243,7 @@ class ProcessScraper:
             if on_each is not None:
                 on_each(r)
 
-        requests = _requests(online, request_for)
+        requests = await _requests(online, request_for, self.pace())
         here = [i for i, r in enumerate(requests) if r is not None and r.ssl is not None]
         sent = [i for i, r in enumerate(requests) if r is None or r.ssl is None]
         if kind == "stats":
@@ -262,13 +280,14 @@ class ProcessScraper:
         # Retrieved here, so a pass given up on (a stop) logs no "exception
         # never retrieved" when its worker goes.
         job.finished.add_done_callback(lambda f: f.cancelled() or f.exception())
-        keys, updates = await _changes(worker.known, items, full=job.kind == "stats")
-        # A new worker is told of every target: in slices, one per turn of the
-        # loop (10,000 pickled at once held it ~35 ms).
+        give_way = self.pace()
+        keys, updates = await _changes(worker.known, items, job.kind == "stats", give_way)
+        # A new worker is told of every target: in slices, one per piece
+        # (10,000 pickled at once held the loop ~35 ms).
         while len(updates) > SLICE:
             worker.writer.write(frames.encode(("known", updates[:SLICE])))
             updates = updates[SLICE:]
-            await asyncio.sleep(0)
+            await give_way()
         worker.jobs[job_id] = job
         worker.writer.write(frames.encode((job.kind, job_id, spread, keys, updates)))
         bound = spread + 2 * self.timeout + GRACE
@@ -330,7 +349,7 @@ class ProcessScraper:
             await proc.wait()
             raise
         log.info("scrape worker started (pid %d)", proc.pid)
-        return _Worker(proc, reader, writer)
+        return _Worker(proc, reader, writer, self.pace)
 
     async def _drop(self, worker: _Worker) -> None:
         if self._worker is worker:
@@ -346,17 +365,21 @@ class ProcessScraper:
             await worker.stop()
 
 
-def scraper_for(cfg: Config, on_exit: Callable[[], None] | None = None
-                ) -> Scraper | ProcessScraper:
+def scraper_for(cfg: Config, on_exit: Callable[[], None] | None = None,
+                pace: Pace = _one_turn) -> Scraper | ProcessScraper:
     """The scraper ``scrape.worker`` asks for."""
-    return Scraper(cfg) if cfg.scrape.worker == "inline" else ProcessScraper(cfg, on_exit)
+    return Scraper(cfg) if cfg.scrape.worker == "inline" else ProcessScraper(cfg, on_exit, pace)
 
 
-def _requests(online: list[Target], request_for: RequestFor | None) -> list[Request | None]:
-    """Each target's request, computed here (it reads the sources' state);
-    one that raises fails that target only, as in ``Scraper``."""
+async def _requests(online: list[Target], request_for: RequestFor | None,
+                    give_way: Callable[[], Awaitable[None]]) -> list[Request | None]:
+    """Each target's request, computed here (it reads the sources' state),
+    ``give_way()`` every SLICE targets; one that raises fails that target
+    only, as in ``Scraper``."""
     out: list[Request | None] = []
-    for t in online:
+    for n, t in enumerate(online):
+        if n and not n % SLICE:
+            await give_way()
         try:
             out.append(request_for(t) if request_for else None)
         except Exception as exc:
@@ -370,7 +393,8 @@ SLICE = 1000
 
 
 async def _changes(known: dict[str, tuple[Target, Request | None]],
-                   items: list[tuple[Target, Request | None]], full: bool
+                   items: list[tuple[Target, Request | None]], full: bool,
+                   give_way: Callable[[], Awaitable[None]] = _turn
                    ) -> tuple[list[str], list[tuple[str, Target, Request | None]]]:
     """The keys of a pass, and the targets the worker must be told anew;
     ``known`` becomes what the worker will know. A stats pass lists every
@@ -380,7 +404,7 @@ async def _changes(known: dict[str, tuple[Target, Request | None]],
     updates: list[tuple[str, Target, Request | None]] = []
     for n, (t, req) in enumerate(items):
         if n and not n % SLICE:
-            await asyncio.sleep(0)
+            await give_way()
         key = t.key
         keys.append(key)
         was = known.get(key)

@@ -27,7 +27,7 @@ from passguard.targets import Target
 
 log = logging.getLogger(__name__)
 #: Dataplanes assembled per piece of a paced assembly.
-ASSEMBLE_SLICE = 1000
+ASSEMBLE_SLICE = 250
 
 
 class Store:
@@ -60,6 +60,9 @@ class Store:
         #: Called with each dataplane's evidence as it is computed (the
         #: /metrics lines are rendered then, spread over the cycle).
         self.on_evidence: Callable[[DataplaneEvidence], None] | None = None
+        #: Gives each state write its ``pause()`` (the daemon's: rest while
+        #: the gate is busy, ``Foreground.pace_thread``); None writes at once.
+        self.write_pacer: Callable[[], Callable[[], None]] | None = None
 
     def configure(self, window: float, stale_after: float) -> None:
         """A reload's window and stale threshold. Evidence computed under the
@@ -160,6 +163,18 @@ class Store:
         (mark_t, mark_totals), (now_t, now_totals) = mark, now
         return now_t > mark_t and now_totals == mark_totals and now_totals[1] == 0
 
+    async def clusters_due(self, pause: Callable[[], Awaitable[None]]) -> tuple[list[Target], int]:
+        """The targets a /clusters pass reads (those not ``quiet_since_clusters_read``)
+        and how many it skips, ``pause()`` every ASSEMBLE_SLICE targets."""
+        due: list[Target] = []
+        listed = list(self.targets.items())
+        for n, (key, t) in enumerate(listed):
+            if n and not n % ASSEMBLE_SLICE:
+                await pause()
+            if not self.quiet_since_clusters_read(key):
+                due.append(t)
+        return due, len(listed) - len(due)
+
     def record_destinations(self, reads: Iterable[tuple[Target, float, list[EnvoyDestination]]]
                             ) -> list[tuple[str, Destination]]:
         changed: list[tuple[str, Destination]] = []
@@ -195,7 +210,8 @@ class Store:
         if not batch:
             return
         try:
-            await asyncio.to_thread(self.db.save_destinations, batch)
+            await asyncio.to_thread(self.db.save_destinations, batch, (),
+                                    self.write_pacer() if self.write_pacer else None)
         except BaseException:
             for key, d in batch:
                 self._unsaved_dests.setdefault((key, d.address), (key, d))
@@ -234,7 +250,7 @@ class Store:
         # Pruned here: a long outage must not grow the backlog past the window.
         self.db.save([(key, h, [s for s in segs if s.end > before])
                       for key, (h, segs) in pending.items() if key in self.histories],
-                     before, removed)
+                     before, removed, self.write_pacer() if self.write_pacer else None)
 
     def build_snapshot(self, now: float,
                        extra: Iterable[DataplaneEvidence] | None = None) -> Snapshot:

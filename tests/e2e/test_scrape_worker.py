@@ -16,6 +16,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,32 @@ async def test_the_worker_reads_what_the_in_process_scraper_reads(
     finally:
         await ps.close()
         await inline.close()
+
+
+async def test_the_answers_are_recorded_in_pieces_paced_by_the_daemon(
+        envoy_factory: EnvoyFactory) -> None:
+    """The daemon's pace (passguard.foreground) runs after each frame of
+    answers and each slice of a pass handed over: a pace that rests still
+    gets every answer, in order, and is called for each frame read."""
+    envoy = await envoy_factory("legacy")
+    ts = targets_of(envoy.admin_url, 7)
+    pieces = 0
+
+    def pace() -> Callable[[], Awaitable[None]]:
+        async def give_way() -> None:
+            nonlocal pieces
+            pieces += 1
+            await asyncio.sleep(0.01)
+        return give_way
+
+    ps = ProcessScraper(WORKER, pace=pace)
+    try:
+        got = await ps.cycle(ts, None, 0.1)
+        assert [r.target for r in got] == ts and all(r.error is None for r in got)
+        # At least a frame of answers and the pass's end, each one piece.
+        assert pieces >= 2
+    finally:
+        await ps.close()
 
 
 async def test_a_hung_worker_fails_its_targets_within_the_bound(

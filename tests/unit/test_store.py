@@ -32,10 +32,11 @@ def fail_saves_while(monkeypatch: pytest.MonkeyPatch, failing: Callable[[], bool
     """save_destinations raises a full-disk error while ``failing()`` says so."""
     real = StateDB.save_destinations
 
-    def flaky(self: StateDB, changed: object, removed: object = ()) -> None:
+    def flaky(self: StateDB, changed: object, removed: object = (),
+              pause: object = None) -> None:
         if failing():
             raise sqlite3.OperationalError("database or disk is full")
-        real(self, changed, removed)  # type: ignore[arg-type]
+        real(self, changed, removed, pause)  # type: ignore[arg-type]
 
     monkeypatch.setattr(StateDB, "save_destinations", flaky)
 
@@ -287,4 +288,80 @@ def test_a_paced_assembly_is_the_assembly(tmp_path: Path, monkeypatch: pytest.Mo
         assert pauses == 3  # after 2, 4 and 6 dataplanes
 
     asyncio.run(main())
+    db.close()
+
+
+def _window_of(tmp_path: Path, name: str, count: int) -> tuple[StateDB, Store, list[Target]]:
+    """``count`` dataplanes, each sampled three times (two segments), some
+    failing, and one destination each: what a state write carries."""
+    from passguard.envoy.stats import Counters, StatsReading
+    from passguard.scraper import ScrapeResult
+
+    db = StateDB(tmp_path / name)
+    store = Store(900.0, 45.0, db)
+    targets = [Target(f"http://t{i}", "m", f"dp-{i}") for i in range(count)]
+    store.set_targets(targets)
+    for at in (100.0, 115.0, 130.0):
+        for i, t in enumerate(targets):
+            failed = i % 4 == 3 and at == 130.0
+            reading = StatsReading(at, {"ipv4": Counters(cx_total=int(at) * i, cx_active=i % 2)})
+            store.record_one(ScrapeResult(t, at, 0.01, None if failed else reading,
+                                          "refused" if failed else None))
+    store.finish_cycle()
+    return db, store, targets
+
+
+def test_a_paced_state_write_writes_what_a_plain_one_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state write rests (``pause()``) every SAVE_SLICE targets while the
+    gate is busy: the database it leaves is the one an unpaced write leaves,
+    segments, samples and destinations."""
+    from passguard.store import persistence
+
+    pauses = 0
+
+    def pause() -> None:
+        nonlocal pauses
+        pauses += 1
+
+    dbs = []
+    # The plain write in one slice, the paced one in slices of 3.
+    for name, pacer, per in (("plain.db", None, 1000), ("paced.db", lambda: pause, 3)):
+        monkeypatch.setattr(persistence, "SAVE_SLICE", per)
+        db, store, targets = _window_of(tmp_path, name, 10)
+        store.write_pacer = pacer
+        changed = store.record_destinations(
+            [(t, 131.0, [Seen(f"10.0.0.{i}:443", "ipv4", i + 1, 0)])
+             for i, t in enumerate(targets)])
+        asyncio.run(store.persist(140.0))
+        asyncio.run(store.persist_destinations(changed, 140.0))
+        dbs.append(db)
+    plain, paced = (sqlite3.connect(d.path) for d in dbs)
+    for table in ("segments", "targets", "destinations"):
+        query = f"SELECT * FROM {table}"  # noqa: S608 - our own table names
+        rows = sorted(plain.execute(query).fetchall())
+        assert rows and rows == sorted(paced.execute(query).fetchall()), table
+    # Each write: every 3 targets while building, before each slice of inserts.
+    assert pauses >= 2 * (10 // 3)
+    for c in (plain, paced):
+        c.close()
+    for d in dbs:
+        d.close()
+
+
+def test_the_clusters_due_are_the_dataplanes_not_quiet(tmp_path: Path) -> None:
+    """``clusters_due`` (paced) lists what ``quiet_since_clusters_read`` does not skip."""
+    db, store, targets = _window_of(tmp_path, "state.db", 9)
+    for t in targets[::2]:
+        store.set_clusters_mark(t.key, (101.0, (0, 0)))
+    pauses = 0
+
+    async def pause() -> None:
+        nonlocal pauses
+        pauses += 1
+
+    due, skipped = asyncio.run(store.clusters_due(pause))
+    want = [t for t in targets if not store.quiet_since_clusters_read(t.key)]
+    assert due == want and skipped == len(targets) - len(want)
+    assert 0 < skipped < len(targets)
     db.close()
