@@ -310,7 +310,9 @@ async def render_async(snap: Snapshot, fmt: Format, lines: Lines | None = None,
     against the gate: passguard.foreground)."""
     chunks: list[bytes] = []
     for part in (lines or Lines()).parts(snap, fmt):
-        chunks.extend(part)
+        # Joined piece by piece: one join of every line at the end (90,000
+        # at 10,000 dataplanes) was an 8 ms piece; of the parts, a copy.
+        chunks.append(b"".join(part))
         await pause()
     return b"".join(chunks)
 

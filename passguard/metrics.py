@@ -134,14 +134,16 @@ class Metrics:
                       registry=self.registry)
         build.labels(__version__).set(1)
 
-    async def exposition(self, accept: str) -> tuple[bytes, str]:
-        """The body and content type of ``GET /metrics`` for this Accept header."""
+    async def exposition(self, accept: str) -> tuple[tuple[bytes, bytes], str]:
+        """The body of ``GET /metrics`` for this Accept header, as the
+        dataplanes' part and ours to be written one after the other (joined,
+        megabytes were copied once more), and its content type."""
         encoder, content_type = choose_encoder(accept)
         fmt = Format(openmetrics=content_type.startswith("application/openmetrics-text"),
                      escaping=_escaping(content_type))
         dataplanes = await self.snapshot.get(fmt)
-        # Ours first: the OpenMetrics encoder ends its part with `# EOF`.
-        return dataplanes + encoder(self.registry), content_type
+        # Ours last: the OpenMetrics encoder ends its part with `# EOF`.
+        return (dataplanes, encoder(self.registry)), content_type
 
 
 def _escaping(content_type: str) -> str:

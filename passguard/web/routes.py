@@ -391,14 +391,15 @@ METRICS_WRITE_SLICE = 256 * 1024
 
 async def get_metrics(request: web.Request) -> web.StreamResponse:
     metrics = request.app[BACKEND].metrics
-    body, content_type = await metrics.exposition(request.headers.get("Accept", ""))
+    parts, content_type = await metrics.exposition(request.headers.get("Accept", ""))
     resp = web.StreamResponse(headers={"Content-Type": content_type})
-    resp.content_length = len(body)
+    resp.content_length = sum(len(p) for p in parts)
     await resp.prepare(request)
-    view = memoryview(body)
-    for start in range(0, len(body), METRICS_WRITE_SLICE):
-        await resp.write(view[start:start + METRICS_WRITE_SLICE])
-        await asyncio.sleep(0)
+    for body in parts:
+        view = memoryview(body)
+        for start in range(0, len(body), METRICS_WRITE_SLICE):
+            await resp.write(view[start:start + METRICS_WRITE_SLICE])
+            await asyncio.sleep(0)
     await resp.write_eof()
     return resp
 

@@ -269,8 +269,8 @@ def test_whole_body_parses_for_every_negotiated_format(accept: str) -> None:
     dp = DataplaneEvidence(Target("http://a", 'm"1', "dp\\1", "svc\n"), "fresh", True, None,
                            {}, 2, {"ipv4": Counters(5, 2, 10, 20)}, 1.0, 7.0, 7.0, None, 0.2)
     metrics = Metrics(lambda: Snapshot(8.0, 900.0, 45.0, (dp,)))
-    body, content_type = asyncio.run(metrics.exposition(accept))
-    text = body.decode()
+    parts, content_type = asyncio.run(metrics.exposition(accept))
+    text = b"".join(parts).decode()
     if content_type.startswith("application/openmetrics-text"):
         # The strict OpenMetrics parser: one # EOF, at the very end.
         names = {f.name for f in text_string_to_metric_families(text)}
