@@ -17,15 +17,17 @@ import json
 import os
 import re
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from passguard.envoy.excerpt import for_log
 from passguard.errors import PassguardError
 from passguard.secretfile import read_secret
+
+if TYPE_CHECKING:  # imported where used: the scrape worker never loads aiohttp (~24 MB)
+    import aiohttp
 
 #: What one read of an answer takes at a time.
 CHUNK = 64 * 1024
@@ -88,6 +90,12 @@ INVALID_URL = "the target URL is not valid"
 def describe(exc: BaseException, server: str | None, origin: str) -> str:
     """An aiohttp or socket failure of an exchange with ``origin``."""
     to = f"{server} at {origin}" if server else origin
+    # An aiohttp failure needs aiohttp loaded; the lean client's never do.
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is None:
+        if isinstance(exc, ValueError):
+            return f"{INVALID_URL}: {words(str(exc))}"
+        return f"{type(exc).__name__}: {exc}"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return (f"the TLS certificate of {to} is not trusted "
                 f"({exc.certificate_error}); set ca_file to the CA that signed it")
@@ -178,6 +186,8 @@ async def exchange(session: aiohttp.ClientSession, method: str, url: str, *, tim
     ``grace``, for a server told the timeout itself) in all, reading the body
     inside the block included. Failures become an HttpProblem prefixed with
     ``what``; the block's own errors pass."""
+    import aiohttp  # a session is passed: it is loaded
+
     prefix = f"{what}: " if what else ""
     try:
         async with asyncio.timeout(timeout + grace):

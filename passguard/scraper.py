@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ssl import SSLContext
 
-from passguard.config import Config
+from passguard.config_types import Config
 from passguard.envoy.clusters import ClustersParser, Destination
 from passguard.envoy.excerpt import for_log
 from passguard.envoy.lean import ScrapeClient

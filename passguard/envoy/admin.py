@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from ssl import SSLContext
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from passguard.errors import ScrapeError
 from passguard.httpclient import (
@@ -26,6 +25,9 @@ from passguard.httpclient import (
     read_bounded,
     words,
 )
+
+if TYPE_CHECKING:  # loaded at the first TLS read: the scrape worker never needs it
+    import aiohttp
 
 #: The first bytes of every answer are outside the shared budget: a filtered
 #: /stats (a few KiB) is never refused because big answers filled it, and
@@ -44,6 +46,8 @@ class AdminClient:
         self._unix: dict[str, aiohttp.ClientSession] = {}
 
     def _session_for(self, base: str) -> tuple[aiohttp.ClientSession, str]:
+        import aiohttp
+
         parts = urlsplit(base)
         if parts.scheme == "unix":
             session = self._unix.get(parts.path)

@@ -102,3 +102,18 @@ async def test_an_unchanged_target_is_not_sent_again() -> None:
     assert (await _changes(known, [(t, None)], full=True))[1] == []
     moved = Target("http://127.0.0.1:2", "m", "a")
     assert (await _changes(known, [(moved, None)], full=True))[1] == [("m/a", moved, None)]
+
+
+def test_the_worker_loads_neither_aiohttp_nor_the_config_schema() -> None:
+    """The scrape worker's program imports what it reads with, not the daemon's
+    whole stack: aiohttp (loaded at a first TLS read only) and the pydantic
+    schema were ~35 MB of every worker's memory (docs/performance.md)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, passguard.scrape_worker; "
+             "print(sorted(m for m in ('aiohttp', 'pydantic', 'passguard.config') "
+             "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
