@@ -328,7 +328,9 @@ class Store:
         return DataplaneEvidence(
             target=target, state=state, covered=res.covered, gap_reason=res.gap_reason,
             window=res.connections, active_connections=h.active(),
-            latest=dict(last.families) if last else {},
+            # The sample's own dict, not a copy (neither is ever changed):
+            # a copy per dataplane per assembly was ~10 MB at 50,000.
+            latest=last.families if last else {},
             uptime=last.uptime if last else None, last_success=h.last_success,
             last_attempt=h.last_attempt, error=h.last_error, scrape_duration=h.last_duration,
         )

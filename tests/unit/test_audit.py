@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +328,22 @@ def test_an_audit_from_before_the_peer_gets_the_column(tmp_path: Path) -> None:
     page, _ = log.query()
     log.close()
     assert [e.peer for e in page] == ["192.0.2.1", None]
+
+
+def test_enforce_applies_the_retention_then_the_size_budget(tmp_path: Path) -> None:
+    """The daemon's retention job (AuditLog.enforce): entries older than
+    ``audit.retention`` go first, then the oldest until ``audit.max_bytes``;
+    it says how many each removed (the passguard_audit_pruned_total labels)."""
+    log = AuditLog(tmp_path / "a.db")
+    evidence = {"pad": "e" * 4000}
+    now = time.time()
+    batch = [entry(n, evidence) for n in range(1500)]
+    for n, e in enumerate(batch):
+        e.time = now - (7200.0 if n < 500 else 10.0)  # 500 past a one-hour retention
+    asyncio.run(log.record(batch))
+    aged, sized = log.enforce(3600.0, 2 * 1024 * 1024)
+    left = rows(tmp_path / "a.db")
+    assert log.used_bytes() <= 2 * 1024 * 1024
+    log.close()
+    assert aged == 500 and sized == 1000 - len(left) and 0 < len(left) < 1000
+    assert [m for _, m in left] == [f"m{n}" for n in range(1500 - len(left), 1500)]
