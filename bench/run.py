@@ -659,8 +659,13 @@ async def _wait(probe: Callable[[], Awaitable[bool]], timeout: float, child: Chi
     end = time.monotonic() + timeout
     while True:
         child.check_alive()
-        if await probe():
-            return
+        try:
+            if await probe():
+                return
+        except (aiohttp.ClientError, TimeoutError):
+            # A Prometheus busy with 50,000 targets on two cores may take
+            # longer than the session's 30 s to answer a query: asked again.
+            pass
         if time.monotonic() > end:
             raise BenchError(f"timed out after {timeout:g}s waiting for {what}; "
                              f"{child.name} log:\n{child.tail()}")
