@@ -349,7 +349,8 @@ class Daemon:
         async with self._cycle_lock:
             if (new.scrape, new.passthrough_clusters) != (old.scrape, old.passthrough_clusters):
                 await self.scraper.close()
-                self.scraper = scraper_for(new, self.metrics.worker_exits.inc)
+                self.scraper = scraper_for(new, self.metrics.worker_exits.inc,
+                                           self.foreground.pace)
             old_sources = self.sources
             self.sources = SourceSet(new)
             self.sources.inherit(old_sources)
@@ -424,19 +425,19 @@ class Daemon:
         (``AuditLog.prune``), where an hour's took seconds under load."""
         if not self.stopping.is_set():
             try:
-                aged, sized = await asyncio.to_thread(self.audit.enforce,
-                                                      self.config.audit.retention,
-                                                      self.config.audit.max_bytes)
+                await asyncio.to_thread(self.audit.enforce, self.config.audit.retention,
+                                        self.config.audit.max_bytes, self._audit_pruned)
             except Exception as exc:
                 log.error("audit retention failed: %s", exc)
-                return
-            self.metrics.audit_pruned.labels("age").inc(aged)
-            self.metrics.audit_pruned.labels("size").inc(sized)
-            if aged:
-                log.info("audit: %d entries older than the retention removed", aged)
-            if sized:
-                log.warning("audit: %d oldest entries removed to stay within "
-                            "audit.max_bytes (%d bytes)", sized, self.config.audit.max_bytes)
+
+    def _audit_pruned(self, reason: str, removed: int) -> None:
+        """Counted as each step of ``AuditLog.enforce`` ends: a later one may fail."""
+        self.metrics.audit_pruned.labels(reason).inc(removed)
+        if removed and reason == "age":
+            log.info("audit: %d entries older than the retention removed", removed)
+        elif removed:
+            log.warning("audit: %d oldest entries removed to stay within audit.max_bytes "
+                        "(%d bytes)", removed, self.config.audit.max_bytes)
 
     async def stop(self) -> None:
         """Everything start (and __init__) opened, closed in the reverse order."""

@@ -25,7 +25,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -410,12 +410,14 @@ class AuditLog:
             time.sleep(pause)
         return removed
 
-    def enforce(self, retention: float, max_bytes: int) -> tuple[int, int]:
+    def enforce(self, retention: float, max_bytes: int,
+                removed: Callable[[str, int], None]) -> None:
         """``audit.retention``, then ``audit.max_bytes`` (a flood must not fill
         the disk within the retention: a full disk stops the audit, and the
-        gate): how many entries each removed. A failure raises; what was
-        removed before it is then not counted."""
-        return self.prune(time.time() - retention), self.prune_to_size(max_bytes)
+        gate). ``removed("age" | "size", n)`` is told after each step, so a
+        failure of the second loses no count of the first."""
+        removed("age", self.prune(time.time() - retention))
+        removed("size", self.prune_to_size(max_bytes))
 
     def close(self) -> None:
         """Finish the writes already queued, then close the database."""

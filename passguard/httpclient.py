@@ -26,7 +26,8 @@ from passguard.envoy.excerpt import for_log
 from passguard.errors import PassguardError
 from passguard.secretfile import read_secret
 
-if TYPE_CHECKING:  # imported where used: the scrape worker never loads aiohttp (~24 MB)
+if TYPE_CHECKING:  # imported where used: a scrape worker reading plain http:// and
+    # unix:// admin never loads aiohttp (~24 MB)
     import aiohttp
 
 #: What one read of an answer takes at a time.

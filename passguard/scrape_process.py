@@ -116,6 +116,7 @@ class _Worker:
         # held the loop 30-47 ms).
         self.known: dict[str, tuple[Target, Request | None]] = {}
         self.gone: str | None = None
+        self.handing_over = asyncio.Lock()  # ProcessScraper._run
         self.reading = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -287,15 +288,20 @@ class ProcessScraper:
         # never retrieved" when its worker goes.
         job.finished.add_done_callback(lambda f: f.cancelled() or f.exception())
         give_way = self.pace()
-        keys, updates = await _changes(worker.known, items, job.kind == "stats", give_way)
-        # A new worker is told of every target: in slices, one per piece
-        # (10,000 pickled at once held the loop ~35 ms).
-        while len(updates) > SLICE:
-            worker.writer.write(frames.encode(("known", updates[:SLICE])))
-            updates = updates[SLICE:]
-            await give_way()
-        worker.jobs[job_id] = job
-        worker.writer.write(frames.encode((job.kind, job_id, spread, keys, updates)))
+        # One pass handed over at a time: a /clusters pass (not under the
+        # cycle lock) handed over between the pieces of a stats pass's would
+        # find ``known`` already updated and name targets the worker has not
+        # been told of yet, or lose some a stats pass forgets meanwhile.
+        async with worker.handing_over:
+            keys, updates = await _changes(worker.known, items, job.kind == "stats", give_way)
+            # A new worker is told of every target: in slices, one per piece
+            # (10,000 pickled at once held the loop ~35 ms).
+            while len(updates) > SLICE:
+                worker.writer.write(frames.encode(("known", updates[:SLICE])))
+                updates = updates[SLICE:]
+                await give_way()
+            worker.jobs[job_id] = job
+            worker.writer.write(frames.encode((job.kind, job_id, spread, keys, updates)))
         bound = spread + 2 * self.timeout + GRACE
         try:
             await asyncio.wait_for(asyncio.shield(job.finished), bound)

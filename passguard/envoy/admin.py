@@ -26,7 +26,8 @@ from passguard.httpclient import (
     words,
 )
 
-if TYPE_CHECKING:  # loaded at the first TLS read: the scrape worker never needs it
+if TYPE_CHECKING:  # loaded at the first read aiohttp serves (TLS, https, credentials):
+    # a scrape worker reading plain http:// and unix:// admin never loads it
     import aiohttp
 
 #: The first bytes of every answer are outside the shared budget: a filtered

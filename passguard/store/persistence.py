@@ -11,6 +11,7 @@ import json
 import math
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -78,6 +79,34 @@ _UPSERT_TARGET = (
     "last_duration=excluded.last_duration, pruned_until=excluded.pruned_until")
 
 
+#: Rests inside one write's transaction stop after this long in all: it holds
+#: the database's write lock, which the shadow store (the same file) waits
+#: for at most its busy_timeout (5 s). The rows are built before it begins.
+TXN_REST_SECONDS = 1.0
+
+
+class _Rests:
+    """A write's ``pause()`` inside its transaction, until TXN_REST_SECONDS of rests."""
+
+    def __init__(self, pause: Callable[[], None] | None) -> None:
+        self._pause, self._left = pause, TXN_REST_SECONDS
+
+    def __call__(self) -> None:
+        if self._pause is not None and self._left > 0:
+            start = time.monotonic()
+            self._pause()
+            self._left -= time.monotonic() - start
+
+
+def _insert_sliced(db: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]],
+                   rest: _Rests) -> None:
+    """``executemany`` SAVE_SLICE rows at a time, ``rest()`` between slices."""
+    for i in range(0, len(rows), SAVE_SLICE):
+        if i:
+            rest()
+        db.executemany(sql, rows[i:i + SAVE_SLICE])
+
+
 class StateDB:
     """One connection, used from worker threads one at a time (guarded by a lock)."""
 
@@ -105,10 +134,11 @@ class StateDB:
              pause: Callable[[], None] | None = None) -> None:
         """Write one cycle atomically: new segments, each target's last sample, pruning.
 
-        ``pause()`` is called every SAVE_SLICE targets, while the rows are
-        built and between their inserts: the daemon's rests while the gate
-        is busy (``Foreground.pace_thread``). Building and binding the rows
-        is Python holding the GIL, ~150 ms of it for 10,000 targets."""
+        ``pause()`` is called every SAVE_SLICE targets while the rows are
+        built, and between their inserts for at most TXN_REST_SECONDS: the
+        daemon's rests while the gate is busy (``Foreground.pace_thread``).
+        Building and binding the rows is Python holding the GIL, ~150 ms of
+        it for 10,000 targets."""
         seg_rows: list[tuple[Any, ...]] = []
         target_rows: list[tuple[Any, ...]] = []
         for n, (key, h, new) in enumerate(histories):
@@ -122,19 +152,16 @@ class StateDB:
                 _encode(last.families) if last else None, h.last_success, h.last_attempt,
                 h.last_error, h.last_duration, _real(h.pruned_until),
             ))
+        if pause is not None:
+            pause()
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                for i in range(0, len(seg_rows), SAVE_SLICE):
-                    if pause is not None:
-                        pause()
-                    db.executemany("INSERT INTO segments VALUES (?,?,?,?,?)",
-                                   seg_rows[i:i + SAVE_SLICE])
-                for i in range(0, len(target_rows), SAVE_SLICE):
-                    if pause is not None:
-                        pause()
-                    db.executemany(_UPSERT_TARGET, target_rows[i:i + SAVE_SLICE])
+                rest = _Rests(pause)
+                _insert_sliced(db, "INSERT INTO segments VALUES (?,?,?,?,?)", seg_rows, rest)
+                rest()
+                _insert_sliced(db, _UPSERT_TARGET, target_rows, rest)
                 db.execute('DELETE FROM segments WHERE "end" <= ?', (prune_before,))
                 for key in removed:
                     db.execute("DELETE FROM segments WHERE key = ?", (key,))
@@ -181,15 +208,14 @@ class StateDB:
             rows.append((key, d.address, d.mesh, d.dataplane, d.service, d.family, d.first_seen,
                          d.last_seen, d.connections, d.last_cx_total, d.last_active,
                          json.dumps(list(d.events)), "\n".join(d.routes)))
+        if pause is not None:
+            pause()
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                for i in range(0, len(rows), SAVE_SLICE):
-                    if pause is not None and i:
-                        pause()
-                    db.executemany("INSERT OR REPLACE INTO destinations VALUES "
-                                   "(?,?,?,?,?,?,?,?,?,?,?,?,?)", rows[i:i + SAVE_SLICE])
+                _insert_sliced(db, "INSERT OR REPLACE INTO destinations VALUES "
+                               "(?,?,?,?,?,?,?,?,?,?,?,?,?)", rows, _Rests(pause))
                 for key in removed:
                     db.execute("DELETE FROM destinations WHERE key = ?", (key,))
                 db.execute("COMMIT")

@@ -244,6 +244,42 @@ async def test_the_answers_are_recorded_in_pieces_paced_by_the_daemon(
         await ps.close()
 
 
+async def test_a_pass_handed_over_meanwhile_waits_for_the_targets_to_be_told(
+        envoy_factory: EnvoyFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A /clusters pass (the daemon runs it outside the cycle lock) handed
+    over while a stats pass is still telling the worker of new targets, in
+    paced pieces, must not name a target the worker has not been told of
+    yet: both passes read everything, and the worker lives on."""
+    monkeypatch.setattr(scrape_process, "SLICE", 2)
+    envoy = await envoy_factory("legacy")
+    ts = targets_of(envoy.admin_url, 9)
+    rest = 0.02
+
+    def pace() -> Callable[[], Awaitable[None]]:
+        async def give_way() -> None:
+            await asyncio.sleep(rest)
+        return give_way
+
+    ps = ProcessScraper(WORKER, pace=pace)
+    try:
+        assert all(r.error is None for r in await ps.cycle(ts[:1]))  # a worker, told of one
+        first = ps.worker_pid
+
+        async def late_clusters_pass() -> list[Any]:
+            # The stats pass rests 4 times listing its requests and 4 times
+            # comparing them (160 ms), then tells the worker of 8 targets
+            # in 4 slices 20 ms apart: the last one is told ~240 ms in.
+            await asyncio.sleep(9.5 * rest)
+            return await ps.clusters_pass(ts[-1:], lambda t: None, 0.0)
+
+        stats, reads = await asyncio.gather(ps.cycle(ts, None, 0.0), late_clusters_pass())
+        assert all(r.error is None for r in stats), [r.error for r in stats]
+        assert all(r[3] is None for r in reads), [r[3] for r in reads]
+        assert ps.worker_pid == first  # the same worker: it never choked
+    finally:
+        await ps.close()
+
+
 async def test_a_hung_worker_fails_its_targets_within_the_bound(
         envoy_factory: EnvoyFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGSTOP the worker mid-life: the pass ends after spread + 2 × timeout +

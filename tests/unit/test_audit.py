@@ -333,7 +333,8 @@ def test_an_audit_from_before_the_peer_gets_the_column(tmp_path: Path) -> None:
 def test_enforce_applies_the_retention_then_the_size_budget(tmp_path: Path) -> None:
     """The daemon's retention job (AuditLog.enforce): entries older than
     ``audit.retention`` go first, then the oldest until ``audit.max_bytes``;
-    it says how many each removed (the passguard_audit_pruned_total labels)."""
+    it says how many each removed (the passguard_audit_pruned_total labels)
+    as each step ends."""
     log = AuditLog(tmp_path / "a.db")
     evidence = {"pad": "e" * 4000}
     now = time.time()
@@ -341,7 +342,10 @@ def test_enforce_applies_the_retention_then_the_size_budget(tmp_path: Path) -> N
     for n, e in enumerate(batch):
         e.time = now - (7200.0 if n < 500 else 10.0)  # 500 past a one-hour retention
     asyncio.run(log.record(batch))
-    aged, sized = log.enforce(3600.0, 2 * 1024 * 1024)
+    told: list[tuple[str, int]] = []
+    log.enforce(3600.0, 2 * 1024 * 1024, lambda reason, n: told.append((reason, n)))
+    assert [reason for reason, _ in told] == ["age", "size"]
+    (_, aged), (_, sized) = told
     left = rows(tmp_path / "a.db")
     assert log.used_bytes() <= 2 * 1024 * 1024
     log.close()

@@ -365,3 +365,34 @@ def test_the_clusters_due_are_the_dataplanes_not_quiet(tmp_path: Path) -> None:
     assert due == want and skipped == len(targets) - len(want)
     assert 0 < skipped < len(targets)
     db.close()
+
+
+def test_rests_inside_a_write_transaction_are_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paced write builds its rows before its transaction, and rests inside
+    it (holding the database's write lock, which the shadow store waits for)
+    only up to TXN_REST_SECONDS in all, however many slices it has."""
+    import time
+
+    from passguard.store import persistence
+
+    monkeypatch.setattr(persistence, "SAVE_SLICE", 1)
+    monkeypatch.setattr(persistence, "TXN_REST_SECONDS", 0.05)
+    db, store, _ = _window_of(tmp_path, "state.db", 20)
+    inside = outside = 0
+
+    def pause() -> None:
+        nonlocal inside, outside
+        if db._db.in_transaction:
+            inside += 1
+        else:
+            outside += 1
+        time.sleep(0.02)
+
+    store.write_pacer = lambda: pause
+    asyncio.run(store.persist(140.0))
+    assert outside >= 19  # every target while building, and once before BEGIN
+    assert 1 <= inside <= 3  # 40 slices inside: the budget stopped the rests
+    with sqlite3.connect(db.path) as check:
+        assert check.execute("SELECT count(*) FROM targets").fetchone()[0] == 20
+    db.close()
