@@ -216,6 +216,19 @@ async def test_the_worker_reads_what_the_in_process_scraper_reads(
         await inline.close()
 
 
+def resting(seconds: float, log: list[float] | None = None
+            ) -> Callable[[], Callable[[], Awaitable[None]]]:
+    """A pace like the daemon's under a busy gate: each piece rests
+    ``seconds`` (and is logged in ``log``)."""
+    def pace() -> Callable[[], Awaitable[None]]:
+        async def give_way() -> None:
+            if log is not None:
+                log.append(seconds)
+            await asyncio.sleep(seconds)
+        return give_way
+    return pace
+
+
 async def test_the_answers_are_recorded_in_pieces_paced_by_the_daemon(
         envoy_factory: EnvoyFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon's pace (passguard.foreground) runs after each DISPATCH_SLICE
@@ -224,22 +237,14 @@ async def test_the_answers_are_recorded_in_pieces_paced_by_the_daemon(
     monkeypatch.setattr(scrape_process, "DISPATCH_SLICE", 2)
     envoy = await envoy_factory("legacy")
     ts = targets_of(envoy.admin_url, 7)
-    pieces = 0
-
-    def pace() -> Callable[[], Awaitable[None]]:
-        async def give_way() -> None:
-            nonlocal pieces
-            pieces += 1
-            await asyncio.sleep(0.01)
-        return give_way
-
-    ps = ProcessScraper(WORKER, pace=pace)
+    pieces: list[float] = []
+    ps = ProcessScraper(WORKER, pace=resting(0.01, pieces))
     try:
         got = await ps.cycle(ts, None, 0.1)
         assert [r.target for r in got] == ts and all(r.error is None for r in got)
         # 7 answers in pieces of 2 (however the worker batched them: at
         # least 4 pieces) and the pass's end.
-        assert pieces >= 5
+        assert len(pieces) >= 5
     finally:
         await ps.close()
 
@@ -254,13 +259,7 @@ async def test_a_pass_handed_over_meanwhile_waits_for_the_targets_to_be_told(
     envoy = await envoy_factory("legacy")
     ts = targets_of(envoy.admin_url, 9)
     rest = 0.02
-
-    def pace() -> Callable[[], Awaitable[None]]:
-        async def give_way() -> None:
-            await asyncio.sleep(rest)
-        return give_way
-
-    ps = ProcessScraper(WORKER, pace=pace)
+    ps = ProcessScraper(WORKER, pace=resting(rest))
     try:
         assert all(r.error is None for r in await ps.cycle(ts[:1]))  # a worker, told of one
         first = ps.worker_pid
