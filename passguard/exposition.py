@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _go_float
 
 from passguard.envoy.stats import Counters
+from passguard.pacing import Pace, one_turn, turn
 from passguard.store.snapshot import STATES, DataplaneEvidence, Snapshot, mesh_summary
 
 
@@ -300,12 +301,8 @@ def render(snap: Snapshot, fmt: Format, lines: Lines | None = None) -> bytes:
     return b"".join(b for part in (lines or Lines()).parts(snap, fmt) for b in part)
 
 
-async def _turn() -> None:
-    await asyncio.sleep(0)
-
-
 async def render_async(snap: Snapshot, fmt: Format, lines: Lines | None = None,
-                       pause: Callable[[], Awaitable[None]] = _turn) -> bytes:
+                       pause: Callable[[], Awaitable[None]] = turn) -> bytes:
     """The same bytes, ``pause()`` between pieces (the daemon's paces itself
     against the gate: passguard.foreground)."""
     chunks: list[bytes] = []
@@ -321,7 +318,7 @@ class SnapshotExposition:
     """Renders each snapshot once per format; concurrent scrapes share the work."""
 
     def __init__(self, snapshot: Callable[[], Snapshot],
-                 pace: Callable[[], Callable[[], Awaitable[None]]] = lambda: _turn) -> None:
+                 pace: Pace = one_turn) -> None:
         self._snapshot = snapshot
         self._pace = pace  # a pause() for each render
         self.lines = Lines()

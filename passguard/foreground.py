@@ -57,9 +57,7 @@ class Foreground:
 
         async def give_way() -> None:
             nonlocal since
-            piece = self._clock() - since
-            rest = min(MAX_REST_SECONDS, max(REST_SECONDS, REST_FACTOR * piece))
-            await asyncio.sleep(rest if self.busy() else 0)
+            await asyncio.sleep(_rest(self._clock() - since) if self.busy() else 0)
             since = self._clock()
 
         return give_way
@@ -75,12 +73,16 @@ class Foreground:
 
         def give_way() -> None:
             nonlocal since
-            piece = self._clock() - since
             if self.busy():
-                time.sleep(min(MAX_REST_SECONDS, max(REST_SECONDS, REST_FACTOR * piece)))
+                time.sleep(_rest(self._clock() - since))
             since = self._clock()
 
         return give_way
+
+
+def _rest(piece: float) -> float:
+    """How long bulk work rests after a piece of ``piece`` seconds while the gate is busy."""
+    return min(MAX_REST_SECONDS, max(REST_SECONDS, REST_FACTOR * piece))
 
 
 __all__ = ["LINGER_SECONDS", "MAX_REST_SECONDS", "REST_FACTOR", "REST_SECONDS", "Foreground"]

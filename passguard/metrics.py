@@ -9,7 +9,7 @@ sources' last-pass attributes.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from passguard import __version__
 from passguard.exposition import Format, SnapshotExposition
+from passguard.pacing import Pace
 from passguard.sources.kuma import KumaSource
 from passguard.sources.prometheus import PrometheusSource
 from passguard.store.snapshot import Snapshot
@@ -72,7 +73,7 @@ class Metrics:
 
     def __init__(self, snapshot: Callable[[], Snapshot],
                  sources: Callable[[], Sequence[object]] = list,
-                 pace: Callable[[], Callable[[], Awaitable[None]]] | None = None) -> None:
+                 pace: Pace | None = None) -> None:
         self.snapshot = SnapshotExposition(snapshot, *(() if pace is None else (pace,)))
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DiscoveryCollector(sources))

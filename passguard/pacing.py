@@ -23,6 +23,19 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+#: A ``give_way()`` for each run of work in pieces, awaited after each piece
+#: (the daemon's: ``passguard.foreground.Foreground.pace``).
+Pace = Callable[[], Callable[[], Awaitable[None]]]
+
+
+async def turn() -> None:
+    """One turn of the event loop: the ``give_way()`` of work with no gate to yield to."""
+    await asyncio.sleep(0)
+
+
+def one_turn() -> Callable[[], Awaitable[None]]:
+    """The default ``Pace``: a turn of the loop between pieces, no rest."""
+    return turn
 
 #: Scrape starts per second in ``auto``: a filtered /stats read costs the loop
 #: ~0.4 ms, so 200 a second is ~8 % of one core.

@@ -27,7 +27,7 @@ Failure modes (tests/e2e/test_scrape_worker.py):
 - a worker that cannot start (the interpreter missing, a broken install):
   that pass is read in-process, with an ERROR in the log, so the evidence
   keeps coming;
-- the daemon dies: the worker gets SIGTERM (``PR_SET_PDEATHSIG``).
+- the daemon dies: the kernel sends the worker SIGKILL (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 from passguard import frames, logqueue
 from passguard.config_types import Config
+from passguard.pacing import Pace, one_turn, turn
 from passguard.scraper import (
     ClustersRead,
     Request,
@@ -74,17 +75,7 @@ EXIT_TIMEOUT = 5.0
 DISPATCH_SLICE = 32
 
 RequestFor = Callable[[Target], Request | None]
-#: A ``give_way()`` per run of work in pieces (the daemon's: passguard.foreground).
-Pace = Callable[[], Callable[[], Awaitable[None]]]
 R = TypeVar("R")
-
-
-async def _turn() -> None:
-    await asyncio.sleep(0)
-
-
-def _one_turn() -> Callable[[], Awaitable[None]]:
-    return _turn
 
 
 @dataclass
@@ -179,7 +170,7 @@ class ProcessScraper:
     """``Scraper``'s passes, read by a worker process (module docstring)."""
 
     def __init__(self, cfg: Config, on_exit: Callable[[], None] | None = None,
-                 pace: Pace = _one_turn) -> None:
+                 pace: Pace = one_turn) -> None:
         self.cfg = cfg
         self.pace = pace  # between the pieces of handing a pass over and of its answers
         self.timeout = cfg.scrape.timeout
@@ -378,7 +369,7 @@ class ProcessScraper:
 
 
 def scraper_for(cfg: Config, on_exit: Callable[[], None] | None = None,
-                pace: Pace = _one_turn) -> Scraper | ProcessScraper:
+                pace: Pace = one_turn) -> Scraper | ProcessScraper:
     """The scraper ``scrape.worker`` asks for."""
     return Scraper(cfg) if cfg.scrape.worker == "inline" else ProcessScraper(cfg, on_exit, pace)
 
@@ -406,7 +397,7 @@ SLICE = 1000
 
 async def _changes(known: dict[str, tuple[Target, Request | None]],
                    items: list[tuple[Target, Request | None]], full: bool,
-                   give_way: Callable[[], Awaitable[None]] = _turn
+                   give_way: Callable[[], Awaitable[None]] = turn
                    ) -> tuple[list[str], list[tuple[str, Target, Request | None]]]:
     """The keys of a pass, and the targets the worker must be told anew;
     ``known`` becomes what the worker will know. A stats pass lists every

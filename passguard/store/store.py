@@ -211,11 +211,14 @@ class Store:
             return
         try:
             await asyncio.to_thread(self.db.save_destinations, batch, (),
-                                    self.write_pacer() if self.write_pacer else None)
+                                    self._write_pause())
         except BaseException:
             for key, d in batch:
                 self._unsaved_dests.setdefault((key, d.address), (key, d))
             raise
+
+    def _write_pause(self) -> Callable[[], None] | None:
+        return self.write_pacer() if self.write_pacer is not None else None
 
     def prune_before(self, now: float) -> float:
         # One extra stale threshold: a segment straddling the window start
@@ -250,7 +253,7 @@ class Store:
         # Pruned here: a long outage must not grow the backlog past the window.
         self.db.save([(key, h, [s for s in segs if s.end > before])
                       for key, (h, segs) in pending.items() if key in self.histories],
-                     before, removed, self.write_pacer() if self.write_pacer else None)
+                     before, removed, self._write_pause())
 
     def build_snapshot(self, now: float,
                        extra: Iterable[DataplaneEvidence] | None = None) -> Snapshot:
